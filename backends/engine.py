@@ -1,0 +1,219 @@
+"""The only module that imports ctransformers: a token-level GPT-J engine with its pitfalls handled."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from backends.ggml.reader import inspect_model, read_vocab
+from backends.types import (
+    ErrorKind,
+    Failed,
+    Finished,
+    FinishReason,
+    GenerationJob,
+    ModelLimits,
+    SamplingParams,
+    Started,
+    TokenLogprob,
+    Tokens,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 32  # larger first batches overflow ctransformers' scratch pool (engine-facts.md)
+
+
+class ContextOverflow(Exception):
+    """The prompt plus max_tokens does not fit the model's context."""
+
+
+def cpu_library() -> str:
+    """Pick ctransformers' CPU build from /proc/cpuinfo (skips its slow detection)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return "basic"
+    if "avx2" in flags:
+        return "avx2"
+    return "avx" if "avx" in flags else "basic"
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Derive a per-token seed: the engine reseeds its RNG on every sample call."""
+    return (seed * 1_000_003 + step * 7_919) & 0x7FFFFFFF
+
+
+class Engine:
+    """One loaded GPT-J model, driven token by token; not thread-safe (one per process)."""
+
+    def __init__(self, path: str, *, threads: int = 1, batch_size: int = 8) -> None:
+        from ctransformers.llm import LLM, Config
+
+        self.info = inspect_model(path)  # never hand a bad file to the engine
+        self.pieces = read_vocab(path)
+        config = Config(threads=threads, batch_size=min(batch_size, MAX_BATCH), context_length=-1)
+        self._llm = LLM(str(path), "gptj", config=config, lib=cpu_library())
+        self._lib = self._llm._lib
+        self._ptr = self._llm._llm
+        self.threads = max(1, threads)
+        self.batch_size = min(max(1, batch_size), MAX_BATCH)
+        self.n_ctx = self._lib.ctransformers_llm_context_length(self._ptr)
+        self.n_vocab = self._lib.ctransformers_llm_vocab_size(self._ptr)
+        self.eos = self._lib.ctransformers_llm_eos_token_id(self._ptr)
+        self.context: list[int] = []  # tokens whose keys/values are in the engine's cache
+
+    @property
+    def limits(self) -> ModelLimits:
+        """The model's context size, vocabulary size and EOS id."""
+        return ModelLimits(n_ctx=self.n_ctx, n_vocab=self.n_vocab, eos_token_id=self.eos)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Tokenize with the engine's tokenizer, sizing the buffer by UTF-8 bytes (no overflow)."""
+        data = text.encode("utf-8")
+        buf = (ctypes.c_int * (len(data) + 1))()
+        n = self._lib.ctransformers_llm_tokenize(self._ptr, data, False, buf)
+        return buf[:n]
+
+    def detokenize(self, ids: list[int]) -> bytes:
+        """Raw bytes of a token sequence."""
+        pieces = self.pieces
+        return b"".join(pieces[i] if 0 <= i < len(pieces) else b"" for i in ids)
+
+    def _eval(self, tokens: list[int]) -> None:
+        """Evaluate tokens after the cached context."""
+        if not tokens:
+            return
+        arr = (ctypes.c_int * len(tokens))(*tokens)
+        ok = self._lib.ctransformers_llm_batch_eval(
+            self._ptr, arr, len(tokens), len(self.context), self.batch_size, self.threads
+        )
+        if not ok:
+            self.context.clear()
+            raise RuntimeError("the engine failed to evaluate tokens")
+        self.context.extend(tokens)
+
+    def prefill(self, prompt: list[int]) -> int:
+        """Evaluate a prompt, reusing the longest common prefix with the cached context."""
+        ctx = self.context
+        limit = min(len(prompt) - 1, len(ctx))  # always evaluate at least one token for logits
+        common = 0
+        while common < limit and prompt[common] == ctx[common]:
+            common += 1
+        del ctx[common:]
+        self._eval(prompt[common:])
+        return common
+
+    def logits(self) -> np.ndarray:
+        """A writable view of the last position's logits in the engine's own buffer."""
+        size = self._lib.ctransformers_llm_logits_size(self._ptr)
+        data = self._lib.ctransformers_llm_logits_data(self._ptr)
+        return np.ctypeslib.as_array(data, shape=(size,))[size - self.n_vocab :]
+
+    def sample(self, params: SamplingParams, step: int) -> int:
+        """Sample the next token with the engine's sampler (greedy as top_k=1, never temperature 0)."""
+        greedy = params.greedy
+        top_k = 1 if greedy else (params.top_k if 0 < params.top_k <= self.n_vocab else self.n_vocab)
+        temperature = 1.0 if greedy else params.temperature
+        last = self.context[-params.last_n_tokens :] if params.last_n_tokens > 0 else []
+        arr = (ctypes.c_int * len(last))(*last)
+        return self._lib.ctransformers_llm_sample(
+            self._ptr, arr, len(last), top_k, params.top_p, temperature,
+            params.repetition_penalty, step_seed(params.seed, step),
+        )
+
+    def is_eos(self, token: int) -> bool:
+        """True for the end-of-text token."""
+        return bool(self._lib.ctransformers_llm_is_eos_token(self._ptr, token))
+
+    def run(self, job: GenerationJob, should_stop: Callable[[], bool]) -> Iterator[object]:
+        """Run one job, yielding Started, Tokens…, then Finished or Failed."""
+        try:
+            prompt = self.tokenize(job.prompt) if isinstance(job.prompt, str) else list(job.prompt)
+            budget = self._budget(job, prompt)
+        except ContextOverflow as exc:
+            yield Failed(job.job_id, ErrorKind.CONTEXT_LENGTH, str(exc))
+            return
+        except ValueError as exc:
+            yield Failed(job.job_id, ErrorKind.INVALID_REQUEST, str(exc))
+            return
+        cached = self.prefill(prompt)
+        echo = self.detokenize(prompt) if job.echo_prompt else None
+        yield Started(job.job_id, len(prompt), echo, cached)
+        yield from self._decode(job, budget, should_stop)
+
+    def _budget(self, job: GenerationJob, prompt: list[int]) -> int:
+        """How many tokens may be generated; raises when the request cannot fit."""
+        if not prompt:
+            raise ValueError("the prompt is empty after tokenization")
+        bad = [t for t in prompt if not 0 <= t < self.n_vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
+        room = self.n_ctx - len(prompt)
+        want = job.max_tokens if job.max_tokens is not None else room
+        if want > room or room <= 0:
+            raise ContextOverflow(
+                f"This model's maximum context length is {self.n_ctx} tokens. However, you requested "
+                f"{len(prompt) + want} tokens ({len(prompt)} in the prompt, {want} for the completion). "
+                "Please reduce the prompt or the completion length."
+            )
+        return want
+
+    def _decode(self, job: GenerationJob, budget: int, should_stop: Callable[[], bool]) -> Iterator[object]:
+        """The per-token loop: sample, report, evaluate; stops between tokens when asked."""
+        params = job.sampling
+        shaping = bool(params.frequency_penalty or params.presence_penalty or params.logit_bias)
+        counts: dict[int, int] = {}
+        produced = 0
+        reason = FinishReason.LENGTH
+        while produced < budget:
+            if should_stop():
+                reason = FinishReason.CANCELLED
+                break
+            logits = self.logits()
+            lp = top_logprobs(logits, job.logprobs) if job.logprobs is not None else None
+            if shaping:
+                shape_logits(logits, params, counts)
+            token = self.sample(params, produced)
+            if self.is_eos(token):
+                reason = FinishReason.STOP
+                break
+            produced += 1
+            counts[token] = counts.get(token, 0) + 1
+            logprob = None if lp is None else [self._logprob_of(lp, token)]
+            yield Tokens(job.job_id, [token], [self.pieces[token]], logprob)
+            if produced < budget:
+                self._eval([token])
+        yield Finished(job.job_id, reason, produced)
+
+    def _logprob_of(self, lp: tuple[np.ndarray, np.ndarray, np.ndarray], token: int) -> TokenLogprob:
+        """Package a token's log-probability with the top alternatives."""
+        logz, top_ids, raw = lp
+        top = [(self.pieces[int(i)], float(raw[i] - logz)) for i in top_ids]
+        return TokenLogprob(float(raw[token] - logz), top)
+
+
+def top_logprobs(logits: np.ndarray, k: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """Log-normaliser, the k most likely ids (best first) and a copy of the raw logits."""
+    raw = np.array(logits, dtype=np.float64)
+    peak = raw.max()
+    logz = peak + np.log(np.exp(raw - peak).sum())
+    if k <= 0:
+        return logz, np.empty(0, dtype=np.int64), raw
+    k = min(k, raw.size)
+    ids = np.argpartition(-raw, k - 1)[:k]
+    ids = ids[np.argsort(-raw[ids], kind="stable")]
+    return logz, ids, raw
+
+
+def shape_logits(logits: np.ndarray, params: SamplingParams, counts: dict[int, int]) -> None:
+    """Apply OpenAI's frequency/presence penalties and logit_bias in place."""
+    for token, count in counts.items():
+        logits[token] -= count * params.frequency_penalty + params.presence_penalty
+    for token, bias in params.logit_bias.items():
+        if 0 <= token < logits.size:
+            logits[token] += bias

@@ -1,0 +1,112 @@
+"""Plain data types that cross the boundary between the server and the engine workers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class FinishReason(str, Enum):
+    """Why a generation ended."""
+
+    STOP = "stop"  # EOS token (stop sequences are applied by the server)
+    LENGTH = "length"  # max_tokens reached
+    CANCELLED = "cancelled"  # the server asked the worker to stop
+
+
+class ErrorKind(str, Enum):
+    """Engine-side failure categories the server maps to HTTP errors."""
+
+    CONTEXT_LENGTH = "context_length_exceeded"
+    INVALID_REQUEST = "invalid_request"
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Engine sampling parameters, already validated and mapped from the API."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k (all tokens)
+    repetition_penalty: float = 1.0
+    last_n_tokens: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding must pick the most likely token."""
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """One generation: a prompt (text or token ids), limits and sampling parameters."""
+
+    job_id: int
+    prompt: str | list[int]
+    max_tokens: int | None  # None: up to the context length
+    sampling: SamplingParams
+    logprobs: int | None = None  # number of top alternatives per token; None = off
+    echo_prompt: bool = False  # send the prompt's bytes back in Started
+
+
+@dataclass(frozen=True)
+class Started:
+    """The prompt was accepted and evaluated; generation begins."""
+
+    job_id: int
+    prompt_tokens: int
+    prompt_bytes: bytes | None = None
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """Log-probability of one token and its top alternatives."""
+
+    logprob: float
+    top: list[tuple[bytes, float]]
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """One or more generated tokens (batched when the reader is slower than the engine)."""
+
+    job_id: int
+    ids: list[int]
+    pieces: list[bytes]
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The generation ended normally."""
+
+    job_id: int
+    reason: FinishReason
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The generation could not run or broke."""
+
+    job_id: int
+    kind: ErrorKind
+    message: str
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a worker reports once its model is loaded."""
+
+    n_ctx: int
+    n_vocab: int
+    eos_token_id: int
+
+
+Event = Started | Tokens | Finished | Failed

@@ -1,0 +1,66 @@
+"""The app factory: lifespan starts and stops the worker pool; state lives on app.state."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from backends.pool import PoolModel, WorkerPool
+from backends.registry import Registry, resolve
+from server.errors import install_error_handlers
+from server.routes import health, openai
+from server.service import InferenceService
+from server.settings import Settings
+
+log = logging.getLogger("gpt4all_j_server")
+
+
+def pool_models(registry: Registry, settings: Settings) -> list[PoolModel]:
+    """What the pool needs for each servable registry entry."""
+    return [
+        PoolModel(
+            name=m.spec.id, path=str(m.path), workers=m.spec.workers, threads=m.spec.threads,
+            batch_size=m.spec.batch_size,
+            max_queue=m.spec.max_queue if m.spec.max_queue is not None else settings.default_max_queue,
+        )
+        for m in registry.served
+    ]
+
+
+def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
+    """Build the FastAPI app; the registry is loaded now (so errors surface before serving)."""
+    settings = settings or Settings()
+    registry = registry or resolve(settings.registry, create_missing=settings.create_demo)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        pool = WorkerPool(pool_models(registry, settings), load_timeout=settings.load_timeout)
+        await pool.start()
+        app.state.pool = pool
+        app.state.service = InferenceService(registry, pool, settings)
+        _log_startup(registry, pool)
+        try:
+            yield
+        finally:
+            await pool.stop()
+
+    app = FastAPI(title="gpt4all-j-server", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible server for GPT4All-J and other GGML GPT-J models.")
+    app.state.settings = settings
+    app.state.registry = registry
+    install_error_handlers(app)
+    app.include_router(openai.router)
+    app.include_router(health.router)
+    return app
+
+
+def _log_startup(registry: Registry, pool: WorkerPool) -> None:
+    """Say plainly what is served and what was skipped and why."""
+    for name, p in pool.models.items():
+        log.info("serving %s with %d worker(s)", name, p.alive)
+    for name, reason in registry.skipped.items():
+        log.warning("not serving %s: %s", name, reason)
+    for name, reason in pool.failed.items():
+        log.error("not serving %s: failed to load: %s", name, reason)

@@ -1,0 +1,122 @@
+"""The `gpt4all-j-server` command: serve, make-model, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+from pathlib import Path
+
+from server.settings import ENV_PREFIX, Settings
+
+FTYPES = ["f32", "f16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
+
+
+def _flag_type(annotation: object):
+    if annotation is bool:
+        return None
+    origin = typing.get_origin(annotation)
+    if origin is not None:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _flag_type(args[0]) if args else str
+    return annotation if annotation in (int, float, str, Path) else str
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One CLI flag per Settings field, with the field's description as help."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = ENV_PREFIX + name.upper()
+        helptext = f"{field.description} [env {env}; default {field.default}]"
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction,
+                                help=helptext)
+        else:
+            parser.add_argument(flag, dest=name, default=None, type=_flag_type(field.annotation),
+                                help=helptext)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from env vars, overridden by the flags that were given."""
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return Settings(**given)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with all subcommands."""
+    parser = argparse.ArgumentParser(prog="gpt4all-j-server", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    add_settings_flags(sub.add_parser("serve", help="run the OpenAI-compatible HTTP server"))
+    make = sub.add_parser("make-model", help="write a small GGML GPT-J model file")
+    make.add_argument("out", type=Path)
+    make.add_argument("--n-vocab", type=int, default=512)
+    make.add_argument("--n-ctx", type=int, default=256)
+    make.add_argument("--n-embd", type=int, default=64)
+    make.add_argument("--n-head", type=int, default=4)
+    make.add_argument("--n-layer", type=int, default=2)
+    make.add_argument("--n-rot", type=int, default=8)
+    make.add_argument("--ftype", choices=FTYPES, default="q4_0")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--kind", choices=["random", "successor", "demo"], default="random",
+                      help="random weights, a successor model (greedy next token = next vocab entry), "
+                           "or the bundled demo model")
+    insp = sub.add_parser("inspect", help="validate a GGML GPT-J file and describe it")
+    insp.add_argument("file", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["serve", *argv]
+    args = build_parser().parse_args(argv)
+    if args.command == "make-model":
+        return _make_model(args)
+    if args.command == "inspect":
+        return _inspect(args.file)
+    return _serve(settings_from_args(args))
+
+
+def _make_model(args: argparse.Namespace) -> int:
+    if args.kind == "demo":
+        from backends.demo import write_demo_model
+
+        write_demo_model(args.out, ftype=args.ftype)
+    else:
+        from backends.ggml.writer import GPTJConfig, write_model
+
+        config = GPTJConfig(n_vocab=args.n_vocab, n_ctx=args.n_ctx, n_embd=args.n_embd,
+                            n_head=args.n_head, n_layer=args.n_layer, n_rot=args.n_rot, ftype=args.ftype)
+        write_model(args.out, config, seed=args.seed, kind=args.kind)
+    print(f"wrote {args.out}")
+    return _inspect(args.out)
+
+
+def _inspect(path: Path) -> int:
+    from backends.ggml.reader import ModelFileError, inspect_model
+
+    try:
+        print(inspect_model(path).describe())
+    except ModelFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _serve(settings: Settings) -> int:
+    import uvicorn
+
+    from backends.registry import RegistryError
+    from server.app import create_app
+
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app = create_app(settings)
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    return 0

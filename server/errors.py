@@ -1,0 +1,109 @@
+"""One error body everywhere: {"error": {"message", "type", "param", "code"}} with OpenAI's strings."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error that is sent to the client in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> dict:
+        """The JSON body."""
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error envelope."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    """400 invalid_request_error."""
+    return APIError(400, message, param=param, code=code)
+
+
+def unsupported(param: str, why: str = "") -> APIError:
+    """400 for an OpenAI parameter this server does not implement."""
+    msg = f"The parameter `{param}` is not supported by this server" + (f": {why}" if why else ".")
+    return APIError(400, msg, param=param, code="unsupported_parameter")
+
+
+def model_not_found(name: str) -> APIError:
+    """404 model_not_found, worded like OpenAI."""
+    return APIError(404, f"The model `{name}` does not exist or you do not have access to it.",
+                    param="model", code="model_not_found")
+
+
+def _validation_message(err: dict) -> tuple[str, str | None, str]:
+    """Message, param and code for one pydantic/FastAPI validation error."""
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    kind = err.get("type", "invalid")
+    if kind == "json_invalid":
+        return ("We could not parse the JSON body of your request. (HINT: This likely means you aren't "
+                "using your HTTP library correctly. The OpenAI API expects a JSON payload.)", None,
+                "invalid_json")
+    if kind == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {param}", param, "unknown_parameter"
+    if kind == "missing":
+        return f"Missing required parameter: '{param}'.", param, "missing_required_parameter"
+    msg = err.get("msg", "invalid value")
+    return f"Invalid value for '{param}': {msg}." if param else f"Invalid request: {msg}.", param, "invalid_value"
+
+
+async def _api_error(_req: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _validation_error(_req: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"type": "invalid", "loc": ("body",), "msg": "invalid request"}
+    message, param, code = _validation_message(first)
+    if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
+        message, code = "The request body is empty; a JSON object is required.", "missing_body"
+    return JSONResponse(error_body(message, "invalid_request_error", param, code), status_code=400)
+
+
+async def _http_error(req: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 404:
+        message, code = f"Unknown request URL: {req.method} {req.url.path}.", "unknown_url"
+    elif exc.status_code == 405:
+        message, code = f"Method {req.method} is not allowed for {req.url.path}.", "method_not_allowed"
+    else:
+        message, code = str(exc.detail), None
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return JSONResponse(error_body(message, kind, None, code), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+async def _internal_error(_req: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return JSONResponse(error_body("The server had an error while processing your request.",
+                                   "server_error", None, "internal_error"), status_code=500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every kind of failure through the OpenAI error body."""
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)

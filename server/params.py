@@ -1,0 +1,207 @@
+"""The one place that maps OpenAI request fields to engine fields, and rejects what is unsupported."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from backends.registry import ServedModel
+from backends.types import SamplingParams
+from server.errors import APIError, bad_request, unsupported
+from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.settings import Settings
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the service needs to run a request, in engine terms."""
+
+    prompts: list[str | list[int]]
+    n: int
+    max_tokens: int | None
+    sampling: SamplingParams
+    stops: list[str]
+    logprobs: int | None
+    echo: bool
+    stream: bool
+    include_usage: bool
+
+    def seed_for(self, choice: int) -> SamplingParams:
+        """Sampling parameters of one choice: the request seed offset by the choice index."""
+        from dataclasses import replace
+
+        return replace(self.sampling, seed=(self.sampling.seed + choice) & 0x7FFFFFFF)
+
+
+def to_sampling(req: CompletionRequest | ChatCompletionRequest, model: ServedModel) -> SamplingParams:
+    """Map sampling fields, falling back to the model's registry defaults."""
+    d = model.spec.sampling
+    bias: dict[int, float] = {}
+    for key, value in (req.logit_bias or {}).items():
+        token = int(key)
+        if token >= model.info.n_vocab:
+            raise bad_request(f"logit_bias token {token} is outside the vocabulary "
+                              f"(0..{model.info.n_vocab - 1}).", "logit_bias")
+        bias[token] = float(value)
+    seed = req.seed if req.seed is not None else secrets.randbits(31)
+    return SamplingParams(
+        temperature=d.temperature if req.temperature is None else req.temperature,
+        top_p=_top_p(req.top_p, d.top_p),
+        top_k=d.top_k if req.top_k is None else req.top_k,
+        repetition_penalty=d.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty,
+        last_n_tokens=d.last_n_tokens,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        presence_penalty=req.presence_penalty or 0.0,
+        logit_bias=bias,
+        seed=seed & 0x7FFFFFFF,
+    )
+
+
+def _top_p(value: float | None, default: float) -> float:
+    """top_p 0 means 'only the most likely token' (as greedy) in OpenAI's range; keep it positive."""
+    if value is None:
+        return default
+    return value if value > 0 else 1e-6
+
+
+def _stops(req: CompletionRequest | ChatCompletionRequest, model: ServedModel) -> list[str]:
+    """The request's stop sequences plus the model's own."""
+    user = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    return [s for s in dict.fromkeys(user + model.spec.stop) if s]
+
+
+def _n(req: CompletionRequest | ChatCompletionRequest, settings: Settings) -> int:
+    n = req.n or 1
+    if n > settings.max_n:
+        raise bad_request(f"n={n} is above this server's limit of {settings.max_n}.", "n")
+    return n
+
+
+def _max_tokens(value: int | None, model: ServedModel, param: str) -> int | None:
+    """Check max_tokens against the model's cap and context before any work."""
+    if value is None:
+        return None
+    cap = model.spec.max_tokens_cap
+    if cap is not None and value > cap:
+        raise bad_request(f"{param}={value} is above this model's limit of {cap}.", param)
+    if value > model.context_length:
+        raise APIError(400, f"This model's maximum context length is {model.context_length} tokens, "
+                            f"but {param} is {value}.", param=param, code="context_length_exceeded")
+    return value
+
+
+def _stream_flags(req: CompletionRequest | ChatCompletionRequest) -> tuple[bool, bool]:
+    stream = bool(req.stream)
+    if req.stream_options is not None and not stream:
+        raise bad_request("stream_options is only allowed when stream is true.", "stream_options")
+    opts = req.stream_options
+    if opts is not None and opts.include_obfuscation:
+        raise unsupported("stream_options.include_obfuscation")
+    return stream, bool(opts and opts.include_usage)
+
+
+def completion_plan(req: CompletionRequest, model: ServedModel, settings: Settings) -> Plan:
+    """Validate a completions request and turn it into a plan."""
+    if req.suffix:
+        raise unsupported("suffix", "GPT-J models have no insertion mode")
+    n = _n(req, settings)
+    if req.best_of not in (None, 0, 1, n):
+        raise unsupported("best_of", "only best_of equal to n (or 1) is supported")
+    if req.echo and req.logprobs is not None:
+        raise unsupported("logprobs", "prompt log-probabilities (echo with logprobs) are not computed")
+    prompts = _prompts(req.prompt, model, settings)
+    stream, include_usage = _stream_flags(req)
+    max_tokens = _max_tokens(16 if req.max_tokens is None else req.max_tokens, model, "max_tokens")
+    return Plan(prompts, n, max_tokens, to_sampling(req, model), _stops(req, model), req.logprobs,
+                bool(req.echo), stream, include_usage)
+
+
+def _prompts(prompt: Any, model: ServedModel, settings: Settings) -> list[str | list[int]]:
+    """Normalise the four prompt shapes into a list of strings or token-id lists."""
+    eos = [model.info.eos_token_id if model.info.eos_token_id is not None else 0]
+    if prompt is None or prompt == "":
+        items: list[str | list[int]] = [eos]
+    elif isinstance(prompt, str):
+        items = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        items = [list(prompt)]
+    else:
+        items = [p if p != "" else eos for p in prompt]
+    if not items:
+        raise bad_request("prompt must not be an empty list.", "prompt")
+    if len(items) > settings.max_prompts:
+        raise bad_request(f"At most {settings.max_prompts} prompts per request.", "prompt")
+    for item in items:
+        if isinstance(item, list):
+            if not item:
+                raise bad_request("A token-id prompt must have at least one token.", "prompt")
+            bad = [t for t in item if not 0 <= t < model.info.n_vocab]
+            if bad:
+                raise bad_request(f"Token id {bad[0]} is outside the vocabulary "
+                                  f"(0..{model.info.n_vocab - 1}).", "prompt")
+    return items
+
+
+# chat fields accepted only with a value that asks for nothing special
+_CHAT_NEUTRAL: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "tools": (lambda v: not v, "tool calling is not supported"),
+    "functions": (lambda v: not v, "function calling is not supported"),
+    "tool_choice": (lambda v: v in (None, "none"), "tool calling is not supported"),
+    "function_call": (lambda v: v in (None, "none"), "function calling is not supported"),
+    "response_format": (lambda v: v is None or v.get("type") == "text", "only {'type': 'text'} is supported"),
+    "modalities": (lambda v: v is None or v == ["text"], "only text output is supported"),
+    "audio": (lambda v: v is None, "audio output is not supported"),
+    "prediction": (lambda v: v is None, "predicted outputs are not supported"),
+    "reasoning_effort": (lambda v: v is None, "these models do not reason"),
+    "verbosity": (lambda v: v is None, "not supported by these models"),
+    "service_tier": (lambda v: v in (None, "auto", "default"), "only 'auto' and 'default' exist here"),
+    "store": (lambda v: not v, "completions are not stored"),
+    "metadata": (lambda v: not v, "metadata is only kept with store, which is not supported"),
+    "web_search_options": (lambda v: v is None, "web search is not available"),
+    "prompt_cache_key": (lambda v: v is None, "prefix caching is automatic; no key is needed"),
+}
+
+
+def chat_plan(req: ChatCompletionRequest, model: ServedModel, settings: Settings) -> Plan:
+    """Validate a chat request and turn it into a plan (the prompt is rendered from the template)."""
+    for field, (ok, why) in _CHAT_NEUTRAL.items():
+        if not ok(getattr(req, field)):
+            raise unsupported(field, why)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
+    messages = [_message(i, m) for i, m in enumerate(req.messages)]
+    prompt = model.template.render(messages, model.spec.system_prompt)
+    n = _n(req, settings)
+    stream, include_usage = _stream_flags(req)
+    value, param = (req.max_completion_tokens, "max_completion_tokens")
+    if value is None:
+        value, param = req.max_tokens, "max_tokens"
+    max_tokens = _max_tokens(value if value is not None else model.spec.sampling.max_tokens, model, param)
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    return Plan([prompt], n, max_tokens, to_sampling(req, model), _stops(req, model), logprobs,
+                False, stream, include_usage)
+
+
+def _message(i: int, m: Any) -> tuple[str, str]:
+    """One message as (role, text); rejects what the templates cannot express."""
+    where = f"messages[{i}]"
+    if m.role in ("tool", "function"):
+        raise unsupported(f"{where}.role", f"role '{m.role}' needs tool calling, which is not supported")
+    for field in ("tool_calls", "function_call", "audio", "name"):
+        if getattr(m, field):
+            raise unsupported(f"{where}.{field}")
+    content = m.content
+    if content is None:
+        if m.role == "assistant":
+            return m.role, ""
+        raise bad_request(f"{where}.content must be a string or a list of text parts.", f"{where}.content")
+    if isinstance(content, str):
+        return m.role, content
+    texts = []
+    for j, part in enumerate(content):
+        if part.type != "text" or part.text is None:
+            raise unsupported(f"{where}.content[{j}].type", f"only text parts are supported, got '{part.type}'")
+        texts.append(part.text)
+    return m.role, "\n".join(texts)

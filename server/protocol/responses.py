@@ -1,0 +1,148 @@
+"""OpenAI response bodies and stream chunks. Dump with `wire()` so unset optional fields are omitted."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+
+class _Response(BaseModel):
+    def wire(self) -> dict[str, Any]:
+        """JSON-ready dict: fields explicitly set (even to null) are kept, unset optional ones dropped."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+class Usage(_Response):
+    """Token counts for a whole request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(_Response):
+    """Legacy completions logprobs."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Response):
+    """One choice of a completion (also used in its stream chunks)."""
+
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["stop", "length", "content_filter"] | None
+
+
+class Completion(_Response):
+    """A text_completion object or stream chunk."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class TopLogprob(_Response):
+    """An alternative token in chat logprobs."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobOut(_Response):
+    """A generated token in chat logprobs."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Response):
+    """Chat choice logprobs."""
+
+    content: list[TokenLogprobOut] | None
+    refusal: list[TokenLogprobOut] | None
+
+
+class AssistantMessage(_Response):
+    """The assistant's reply."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None
+
+
+class ChatChoice(_Response):
+    """One choice of a chat completion."""
+
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
+
+
+class ChatCompletion(_Response):
+    """A chat.completion object."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class Delta(_Response):
+    """The increment in a chat stream chunk."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Response):
+    """One choice in a chat stream chunk."""
+
+    index: int
+    delta: Delta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length", "tool_calls", "content_filter", "function_call"] | None
+
+
+class ChatCompletionChunk(_Response):
+    """A chat.completion.chunk object."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(_Response):
+    """An entry of GET /v1/models."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(_Response):
+    """GET /v1/models."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,100 @@
+"""Builds OpenAI response objects and stream chunks from choice states (one home for the shapes)."""
+
+from __future__ import annotations
+
+from backends.types import TokenLogprob
+from server.protocol import (
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs,
+    Completion, CompletionChoice, CompletionLogprobs, Delta, TokenLogprobOut, TopLogprob, Usage,
+)
+from server.streaming import TokenRecord
+
+
+def token_text(piece: bytes) -> str:
+    """A token as text for logprobs (invalid UTF-8 shown with replacement characters)."""
+    return piece.decode("utf-8", errors="replace")
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    """Usage with total = prompt + completion."""
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
+
+
+def completion_logprobs(records: list[TokenRecord], offset: int) -> CompletionLogprobs:
+    """Legacy logprobs: tokens, their logprobs, top alternatives and character offsets."""
+    tokens, lps, tops, offsets = [], [], [], []
+    pos = offset
+    for rec in records:
+        lp: TokenLogprob = rec.logprob  # type: ignore[assignment]
+        text = token_text(rec.piece)
+        tokens.append(text)
+        lps.append(lp.logprob)
+        tops.append({token_text(p): v for p, v in lp.top} if lp.top else None)
+        offsets.append(pos)
+        pos += len(text)
+    return CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets)
+
+
+def chat_logprobs(records: list[TokenRecord]) -> ChatLogprobs:
+    """Chat logprobs: one entry per token with bytes and top alternatives."""
+    content = []
+    for rec in records:
+        lp: TokenLogprob = rec.logprob  # type: ignore[assignment]
+        top = [TopLogprob(token=token_text(p), logprob=v, bytes=list(p)) for p, v in lp.top]
+        content.append(TokenLogprobOut(token=token_text(rec.piece), logprob=lp.logprob,
+                                       bytes=list(rec.piece), top_logprobs=top))
+    return ChatLogprobs(content=content, refusal=None)
+
+
+class Renderer:
+    """Shapes for one request: same id, created and model on every object."""
+
+    def __init__(self, rid: str, created: int, model: str, include_usage: bool) -> None:
+        self.rid, self.created, self.model = rid, created, model
+        self.include_usage = include_usage
+
+    # ---- completions ----
+    def completion(self, choices: list[CompletionChoice], use: Usage) -> dict:
+        """A whole text_completion."""
+        return Completion(id=self.rid, created=self.created, model=self.model, choices=choices,
+                          usage=use).wire()
+
+    def completion_chunk(self, index: int, text: str, finish: str | None,
+                         logprobs: CompletionLogprobs | None = None) -> dict:
+        """One text_completion stream chunk."""
+        choice = CompletionChoice(text=text, index=index, logprobs=logprobs, finish_reason=finish)
+        chunk = Completion(id=self.rid, created=self.created, model=self.model, choices=[choice])
+        if self.include_usage:
+            chunk.usage = None
+        return chunk.wire()
+
+    def completion_usage_chunk(self, use: Usage) -> dict:
+        """The final usage chunk of a completions stream."""
+        return Completion(id=self.rid, created=self.created, model=self.model, choices=[],
+                          usage=use).wire()
+
+    # ---- chat ----
+    def chat(self, choices: list[ChatChoice], use: Usage) -> dict:
+        """A whole chat.completion."""
+        return ChatCompletion(id=self.rid, created=self.created, model=self.model, choices=choices,
+                              usage=use).wire()
+
+    def chat_choice(self, index: int, text: str, finish: str, logprobs: ChatLogprobs | None) -> ChatChoice:
+        """One choice of a chat.completion."""
+        return ChatChoice(index=index, message=AssistantMessage(content=text, refusal=None),
+                          logprobs=logprobs, finish_reason=finish)
+
+    def chat_chunk(self, index: int, delta: Delta, finish: str | None,
+                   logprobs: ChatLogprobs | None = None) -> dict:
+        """One chat.completion.chunk."""
+        choice = ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)
+        chunk = ChatCompletionChunk(id=self.rid, created=self.created, model=self.model, choices=[choice])
+        if self.include_usage:
+            chunk.usage = None
+        return chunk.wire()
+
+    def chat_usage_chunk(self, use: Usage) -> dict:
+        """The final usage chunk of a chat stream."""
+        return ChatCompletionChunk(id=self.rid, created=self.created, model=self.model, choices=[],
+                                   usage=use).wire()

@@ -1,0 +1,63 @@
+"""The OpenAI endpoints: validate, call one service method, return JSON or an SSE stream."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.service import InferenceService
+
+router = APIRouter(prefix="/v1")
+
+
+def _service(request: Request) -> InferenceService:
+    return request.app.state.service
+
+
+def _disconnect_waiter(request: Request):
+    """An awaitable factory that returns when the client disconnects."""
+
+    async def wait() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    return wait
+
+
+def _respond(result) -> JSONResponse | EventSourceResponse:
+    if isinstance(result, dict):
+        return JSONResponse(result)
+    return EventSourceResponse(_sse(result), ping=15, send_timeout=30)
+
+
+async def _sse(payloads):
+    async for data in payloads:
+        yield {"data": data}
+
+
+@router.post("/completions")
+async def create_completion(body: CompletionRequest, request: Request):
+    """Create a text completion."""
+    return _respond(await _service(request).completions(body, _disconnect_waiter(request)))
+
+
+@router.post("/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    """Create a chat completion."""
+    return _respond(await _service(request).chat(body, _disconnect_waiter(request)))
+
+
+@router.get("/models")
+async def list_models(request: Request):
+    """List the models that can be served now."""
+    return _service(request).list_models()
+
+
+@router.get("/models/{model_id:path}")
+async def get_model(model_id: str, request: Request):
+    """Describe one model."""
+    return _service(request).get_model(model_id)

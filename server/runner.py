@@ -1,0 +1,95 @@
+"""Runs one request's jobs on the pool: submit, wait for their start, merge events, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from backends.pool import JobHandle, ModelPool, ModelUnavailable, QueueFull
+from backends.types import ErrorKind, Failed, Finished, GenerationJob, Started
+from server.errors import APIError
+from server.params import Plan
+
+
+def failure_to_error(event: Failed) -> APIError:
+    """Map an engine failure to the HTTP error the client sees."""
+    if event.kind == ErrorKind.CONTEXT_LENGTH:
+        return APIError(400, event.message, param="messages", code="context_length_exceeded")
+    if event.kind == ErrorKind.INVALID_REQUEST:
+        return APIError(400, event.message, param="prompt", code="invalid_prompt")
+    return APIError(500, f"The model failed while generating: {event.message}", type="server_error",
+                    code="internal_error")
+
+
+class Run:
+    """The n × prompts jobs of one request, as one merged stream of (choice index, event)."""
+
+    def __init__(self, pool: ModelPool, plan: Plan, retry_after: int) -> None:
+        self.pool = pool
+        self.plan = plan
+        self.retry_after = retry_after
+        self.sink: asyncio.Queue = asyncio.Queue()
+        self.handles: list[JobHandle] = []
+        self.started: dict[int, Started] = {}
+        self._early: list[tuple[int, object]] = []
+        self._open: set[int] = set()
+
+    def submit(self) -> None:
+        """Queue every job, or none: a full queue rejects the whole request with 503."""
+        plan = self.plan
+        try:
+            for p, prompt in enumerate(plan.prompts):
+                for i in range(plan.n):
+                    index = p * plan.n + i
+                    job = GenerationJob(
+                        job_id=self.pool.new_job_id(), prompt=prompt, max_tokens=plan.max_tokens,
+                        sampling=plan.seed_for(index), logprobs=plan.logprobs,
+                        echo_prompt=plan.echo and not isinstance(prompt, str),
+                    )
+                    self.handles.append(self.pool.submit(job, self.sink, index))
+                    self._open.add(index)
+        except QueueFull:
+            self.cancel()
+            raise APIError(503, "The server is overloaded: this model's queue is full. Retry shortly.",
+                           type="server_error", code="queue_full",
+                           headers={"Retry-After": str(self.retry_after)}) from None
+        except ModelUnavailable as exc:
+            self.cancel()
+            raise APIError(503, str(exc), type="server_error", code="model_unavailable",
+                           headers={"Retry-After": str(self.retry_after)}) from None
+
+    async def wait_started(self) -> None:
+        """Wait until every job has evaluated its prompt; a failure becomes an HTTP error."""
+        while len(self.started) < len(self.handles):
+            index, event = await self.sink.get()
+            if isinstance(event, Started):
+                self.started[index] = event
+            elif isinstance(event, Failed):
+                self.cancel()
+                raise failure_to_error(event)
+            elif isinstance(event, Finished):  # cancelled while queued
+                self._open.discard(index)
+                raise asyncio.CancelledError()
+            else:
+                self._early.append((index, event))
+
+    async def events(self) -> AsyncIterator[tuple[int, object]]:
+        """Every event after the starts, until all jobs have finished or failed."""
+        for item in self._early:
+            yield item
+            self._track(item[1], item[0])
+        self._early.clear()
+        while self._open:
+            index, event = await self.sink.get()
+            self._track(event, index)
+            yield index, event
+
+    def _track(self, event: object, index: int) -> None:
+        if isinstance(event, (Finished, Failed)):
+            self._open.discard(index)
+
+    def cancel(self, index: int | None = None) -> None:
+        """Cancel one job (by choice index) or all of them."""
+        for handle in self.handles:
+            if index is None or handle.tag == index:
+                handle.cancel()

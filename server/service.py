@@ -1,0 +1,255 @@
+"""The request logic: resolve the model, plan, run on the pool, aggregate or stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from backends.pool import WorkerPool
+from backends.registry import Registry, ServedModel
+from backends.types import Failed, Finished, FinishReason, Tokens
+from server.errors import APIError, model_not_found
+from server.params import Plan, chat_plan, completion_plan
+from server.protocol import ChatCompletionRequest, CompletionRequest, Delta, ModelCard, ModelList
+from server.render import Renderer, chat_logprobs, completion_logprobs, usage
+from server.runner import Run, failure_to_error
+from server.settings import Settings
+from server.streaming import ChoiceState, TextAssembler
+
+log = logging.getLogger(__name__)
+
+
+class InferenceService:
+    """What the routes call: one method per endpoint."""
+
+    def __init__(self, registry: Registry, pool: WorkerPool, settings: Settings) -> None:
+        self.registry = registry
+        self.pool = pool
+        self.settings = settings
+        self.started_at = int(time.time())
+        self._names = registry.names()
+
+    # ---- models ----
+    def served(self) -> list[ServedModel]:
+        """Models with live workers."""
+        return [m for m in self.registry.served if self.pool.get(m.spec.id) is not None]
+
+    def resolve(self, name: str) -> ServedModel:
+        """A served model by id or alias, else 404 model_not_found (never a silent default)."""
+        model = self._names.get(name)
+        if model is None or self.pool.get(model.spec.id) is None:
+            raise model_not_found(name)
+        return model
+
+    def list_models(self) -> dict:
+        """GET /v1/models."""
+        return ModelList(data=[self._card(m) for m in self.served()]).wire()
+
+    def get_model(self, name: str) -> dict:
+        """GET /v1/models/{id}."""
+        return self._card(self.resolve(name)).wire()
+
+    def _card(self, m: ServedModel) -> ModelCard:
+        return ModelCard(id=m.spec.id, created=self.started_at, owned_by=m.spec.owned_by)
+
+    # ---- generation ----
+    async def completions(self, req: CompletionRequest, disconnected: Callable) -> dict | AsyncIterator[dict]:
+        """POST /v1/completions."""
+        model = self.resolve(req.model)
+        plan = completion_plan(req, model, self.settings)
+        return await self._execute(model, plan, "cmpl", disconnected, chat=False)
+
+    async def chat(self, req: ChatCompletionRequest, disconnected: Callable) -> dict | AsyncIterator[dict]:
+        """POST /v1/chat/completions."""
+        model = self.resolve(req.model)
+        plan = chat_plan(req, model, self.settings)
+        return await self._execute(model, plan, "chatcmpl", disconnected, chat=True)
+
+    async def _execute(self, model: ServedModel, plan: Plan, prefix: str, disconnected: Callable,
+                       chat: bool) -> dict | AsyncIterator[dict]:
+        pool = self.pool.get(model.spec.id)
+        if pool is None:
+            raise model_not_found(model.spec.id)
+        run = Run(pool, plan, self.settings.retry_after)
+        run.submit()
+        watcher = asyncio.create_task(_cancel_on_disconnect(disconnected, run))
+        try:
+            await run.wait_started()
+        except BaseException:
+            watcher.cancel()
+            run.cancel()
+            raise
+        renderer = Renderer(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), model.spec.id,
+                            plan.include_usage)
+        states = self._states(plan, run)
+        if plan.stream:
+            body = _ChatStream if chat else _CompletionStream
+            return body(run, plan, renderer, states, watcher).events()
+        try:
+            await _collect(run, states)
+        finally:
+            watcher.cancel()
+            run.cancel()
+        return _chat_body(renderer, plan, states) if chat else _completion_body(renderer, plan, states)
+
+    def _states(self, plan: Plan, run: Run) -> list[ChoiceState]:
+        states = []
+        for index in range(len(plan.prompts) * plan.n):
+            state = ChoiceState(index, TextAssembler(plan.stops))
+            state.prompt_tokens = run.started[index].prompt_tokens
+            state.echo = _echo_text(run, plan, state)
+            state.lp_offset = len(state.echo)
+            states.append(state)
+        return states
+
+
+async def _cancel_on_disconnect(disconnected: Callable, run: Run) -> None:
+    """Cancel the jobs as soon as the client goes away."""
+    await disconnected()
+    run.cancel()
+
+
+def _apply(run: Run, state: ChoiceState, event: object) -> str:
+    """Feed one event into a choice; returns released text. Failures raise APIError."""
+    if state.finish_reason is not None:
+        return ""
+    if isinstance(event, Tokens):
+        out = []
+        lps = event.logprobs or [None] * len(event.pieces)
+        for piece, lp in zip(event.pieces, lps):
+            out.append(state.add(piece, lp))
+            if state.assembler.stopped:
+                state.finish_reason = "stop"
+                run.cancel(state.index)
+                break
+        return "".join(out)
+    if isinstance(event, Finished):
+        tail = state.close()
+        state.finish_reason = "length" if event.reason == FinishReason.LENGTH else "stop"
+        return tail
+    if isinstance(event, Failed):
+        raise failure_to_error(event)
+    return ""
+
+
+async def _collect(run: Run, states: list[ChoiceState]) -> None:
+    """Consume every event of a non-streamed request."""
+    async for index, event in run.events():
+        _apply(run, states[index], event)
+
+
+def _usage(plan: Plan, states: list[ChoiceState]):
+    prompt = sum(s.prompt_tokens for s in states if s.index % plan.n == 0)
+    return usage(prompt, sum(s.completion_tokens for s in states))
+
+
+def _echo_text(run: Run, plan: Plan, state: ChoiceState) -> str:
+    if not plan.echo:
+        return ""
+    prompt = plan.prompts[state.index // plan.n]
+    if isinstance(prompt, str):
+        return prompt
+    return (run.started[state.index].prompt_bytes or b"").decode("utf-8", errors="replace")
+
+
+def _completion_lp(plan: Plan, s: ChoiceState, records: list, always: bool = False):
+    """Legacy logprobs for released records, advancing the choice's text offset."""
+    if plan.logprobs is None or not (records or always):
+        return None
+    lp = completion_logprobs(records, s.lp_offset)
+    s.lp_offset += sum(len(t) for t in lp.tokens)
+    return lp
+
+
+def _completion_body(r: Renderer, plan: Plan, states: list[ChoiceState]) -> dict:
+    from server.protocol import CompletionChoice
+
+    choices = []
+    for s in states:
+        lp = _completion_lp(plan, s, s.take_records(final=True), always=True)
+        choices.append(CompletionChoice(text=s.echo + s.full_text, index=s.index, logprobs=lp,
+                                        finish_reason=s.finish_reason))
+    return r.completion(choices, _usage(plan, states))
+
+
+def _chat_body(r: Renderer, plan: Plan, states: list[ChoiceState]) -> dict:
+    choices = []
+    for s in states:
+        lp = chat_logprobs(s.take_records(final=True)) if plan.logprobs is not None else None
+        choices.append(r.chat_choice(s.index, s.full_text, s.finish_reason or "stop", lp))
+    return r.chat(choices, _usage(plan, states))
+
+
+class _Stream:
+    """Common streaming loop: events → chunks, errors as an in-stream event, then [DONE]."""
+
+    def __init__(self, run: Run, plan: Plan, r: Renderer, states: list[ChoiceState], watcher) -> None:
+        self.run, self.plan, self.r, self.states, self.watcher = run, plan, r, states, watcher
+
+    async def events(self) -> AsyncIterator[str]:
+        """The SSE data payloads, ending with [DONE]."""
+        try:
+            for chunk in self.opening():
+                yield json.dumps(chunk)
+            async for index, event in self.run.events():
+                state = self.states[index]
+                was_open = state.finish_reason is None
+                text = _apply(self.run, state, event)
+                for chunk in self.deltas(state, text, was_open and state.finish_reason is not None):
+                    yield json.dumps(chunk)
+            if self.plan.include_usage:
+                yield json.dumps(self.usage_chunk(_usage(self.plan, self.states)))
+        except APIError as exc:
+            self.run.cancel()
+            yield json.dumps(exc.body())
+        finally:
+            self.watcher.cancel()
+            self.run.cancel()
+        yield "[DONE]"
+
+    def opening(self) -> list[dict]:
+        return []
+
+
+class _CompletionStream(_Stream):
+    def opening(self) -> list[dict]:
+        out = []
+        for s in self.states:
+            if s.echo:
+                out.append(self.r.completion_chunk(s.index, s.echo, None))
+        return out
+
+    def deltas(self, s: ChoiceState, text: str, finished: bool) -> list[dict]:
+        out = []
+        lp = _completion_lp(self.plan, s, s.take_records(final=finished))
+        if text or lp:
+            out.append(self.r.completion_chunk(s.index, text, None, lp))
+        if finished:
+            out.append(self.r.completion_chunk(s.index, "", s.finish_reason))
+        return out
+
+    def usage_chunk(self, use) -> dict:
+        return self.r.completion_usage_chunk(use)
+
+
+class _ChatStream(_Stream):
+    def opening(self) -> list[dict]:
+        return [self.r.chat_chunk(s.index, Delta(role="assistant", content=""), None) for s in self.states]
+
+    def deltas(self, s: ChoiceState, text: str, finished: bool) -> list[dict]:
+        out = []
+        records = s.take_records(final=finished)
+        lp = chat_logprobs(records) if self.plan.logprobs is not None and records else None
+        if text or lp:
+            out.append(self.r.chat_chunk(s.index, Delta(content=text), None, lp))
+        if finished:
+            out.append(self.r.chat_chunk(s.index, Delta(), s.finish_reason))
+        return out
+
+    def usage_chunk(self, use) -> dict:
+        return self.r.chat_usage_chunk(use)
+

@@ -1,0 +1,56 @@
+"""Test models: tiny GGML GPT-J files written by the project's own writer (never committed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+EOS = b"<|endoftext|>"
+EXTRA = [b"Hi", b" there", b" done", b" Hello", b" world"]
+
+
+def successor_vocab() -> tuple[list[bytes], list[int]]:
+    """A vocabulary and successor map whose greedy continuations are known exactly.
+
+    - letters: a→b→…→z→EOS   (prompt "x" continues "yz", then stops)
+    - digits:  0→1→…→9→é→日→" done"→EOS, the accented characters split into single-byte tokens
+    - newline: "\\n"→"Hi"→" there"→"!"→EOS   (what a chat reply looks like)
+    - every other token → EOS
+    """
+    vocab = [bytes([b]) for b in range(256)] + [EOS] + EXTRA
+    vocab += [f"<unused{i}>".encode() for i in range(320 - len(vocab))]
+    eos = 256
+    idx = {tok: i for i, tok in enumerate(vocab)}
+    succ = [eos] * len(vocab)
+    letters = [idx[bytes([c])] for c in range(ord("a"), ord("z") + 1)]
+    for a, b in zip(letters, letters[1:]):
+        succ[a] = b
+    chain = [idx[str(d).encode()] for d in range(10)]
+    chain += [idx[bytes([b])] for b in "é日".encode()] + [idx[b" done"]]
+    for a, b in zip(chain, chain[1:]):
+        succ[a] = b
+    reply = [idx[b"\n"], idx[b"Hi"], idx[b" there"], idx[b"!"]]
+    for a, b in zip(reply, reply[1:]):
+        succ[a] = b
+    return vocab, succ
+
+
+def write_successor(path: Path, ftype: str = "q8_0", n_ctx: int = 256) -> Path:
+    """The successor test model."""
+    from backends.ggml.writer import GPTJConfig, write_model
+
+    vocab, succ = successor_vocab()
+    config = GPTJConfig(n_vocab=len(vocab), n_ctx=n_ctx, n_embd=128, n_head=4, n_layer=1, n_rot=8,
+                        ftype=ftype)
+    write_model(path, config, vocab=vocab, seed=7, kind="successor", successor=succ)
+    return path
+
+
+def write_random(path: Path, ftype: str = "q4_0", n_ctx: int = 128, n_embd: int = 64,
+                 n_layer: int = 2, seed: int = 1) -> Path:
+    """A random-weight model (varied, non-degenerate output)."""
+    from backends.ggml.writer import GPTJConfig, default_vocab, write_model
+
+    config = GPTJConfig(n_vocab=512, n_ctx=n_ctx, n_embd=n_embd, n_head=4, n_layer=n_layer, n_rot=8,
+                        ftype=ftype)
+    write_model(path, config, vocab=default_vocab(512), seed=seed, kind="random")
+    return path

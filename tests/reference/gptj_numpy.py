@@ -1,0 +1,135 @@
+"""A plain numpy forward pass of GPT-J, for checking what the engine computes.
+
+Written from the model's definition (Wang & Komatsuzaki's GPT-J / Hugging Face ``GPTJModel``):
+
+* token embedding ``transformer.wte.weight`` (no position embedding);
+* per layer, ONE LayerNorm (``ln_1``, eps 1e-5) whose output feeds attention and MLP in parallel:
+  ``x = x + attn(ln_1(x)) + mlp(ln_1(x))``;
+* attention: q/k/v projections without bias; rotary position embedding on the first ``n_rot``
+  dims of every head, pairs interleaved (``rotate_every_two``: dims (0,1), (2,3), ...), pair ``i``
+  turned by ``pos * 10000 ** (-2i / n_rot)``; causal softmax of ``q.k / sqrt(head_dim)``;
+  ``out_proj`` without bias;
+* MLP: ``fc_in`` (+bias) -> GELU (tanh approximation) -> ``fc_out`` (+bias);
+* final LayerNorm ``ln_f``, then ``lm_head`` with bias.
+
+Weights are numpy arrays shaped ``(rows, row_len)``, i.e. ``[out_features, in_features]`` like
+PyTorch's ``nn.Linear.weight``; ``y = x @ W.T + b``.
+
+``rope="ggml"`` reproduces one known deviation of the ggml bundled with ctransformers 0.2.27:
+its rope mode 0 loops over the WHOLE head, so the dims past ``n_rot`` are turned as well, with
+the frequency sequence simply continued (pair ``i`` -> ``10000 ** (-2i / n_rot)`` for every
+``i < head_dim / 2``). With ``n_rot == head_dim`` both modes are identical.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LN_EPS = 1e-5
+ROPE_BASE = 10000.0
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float = LN_EPS) -> np.ndarray:
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)  # biased variance, as torch
+    return (x - mean) / np.sqrt(var + eps) * weight + bias
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def rotary(x: np.ndarray, positions: np.ndarray, n_rot: int, *, mode: str = "gptj") -> np.ndarray:
+    """Apply GPT-J rotary embedding to ``x`` shaped [seq, n_head, head_dim]."""
+    head_dim = x.shape[-1]
+    if n_rot % 2 or n_rot > head_dim:
+        raise ValueError(f"n_rot {n_rot} must be even and <= head_dim {head_dim}")
+    if mode == "gptj":
+        n_turned = n_rot
+    elif mode == "ggml":
+        n_turned = head_dim - head_dim % 2
+    else:
+        raise ValueError(f"unknown rope mode {mode!r}")
+    pair = np.arange(n_turned // 2, dtype=np.float64)
+    inv_freq = ROPE_BASE ** (-2.0 * pair / n_rot)  # [n_turned/2]
+    theta = positions.astype(np.float64)[:, None] * inv_freq[None, :]  # [seq, n_turned/2]
+    cos = np.cos(theta)[:, None, :]  # broadcast over heads
+    sin = np.sin(theta)[:, None, :]
+    out = x.copy()
+    even = x[..., 0:n_turned:2]
+    odd = x[..., 1:n_turned:2]
+    out[..., 0:n_turned:2] = even * cos - odd * sin
+    out[..., 1:n_turned:2] = odd * cos + even * sin
+    return out
+
+
+def _linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    y = x @ weight.T
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def forward(
+    tensors: dict[str, np.ndarray],
+    hparams: dict,
+    tokens: list[int],
+    *,
+    rope: str = "gptj",
+    dtype=np.float64,
+) -> np.ndarray:
+    """Logits for every position: array [len(tokens), n_vocab].
+
+    ``tensors`` maps the Hugging Face GPT-J state-dict names to arrays shaped (rows, row_len);
+    ``hparams`` needs n_vocab, n_embd, n_head, n_layer, n_rot.
+    """
+    n_vocab = int(hparams["n_vocab"])
+    n_embd = int(hparams["n_embd"])
+    n_head = int(hparams["n_head"])
+    n_layer = int(hparams["n_layer"])
+    n_rot = int(hparams["n_rot"])
+    if n_embd % n_head:
+        raise ValueError("n_embd must be a multiple of n_head")
+    head_dim = n_embd // n_head
+
+    def t(name: str) -> np.ndarray:
+        return np.asarray(tensors[name], dtype=dtype)
+
+    ids = np.asarray(tokens, dtype=np.int64)
+    if ids.ndim != 1 or ids.size == 0:
+        raise ValueError("tokens must be a non-empty list of ids")
+    if ids.min() < 0 or ids.max() >= n_vocab:
+        raise ValueError("token id out of range")
+    seq = ids.size
+    positions = np.arange(seq)
+
+    x = t("transformer.wte.weight")[ids]  # [seq, n_embd]
+    causal = np.triu(np.ones((seq, seq), dtype=bool), k=1)  # True where key is in the future
+    scale = 1.0 / np.sqrt(head_dim)
+
+    for i in range(n_layer):
+        p = f"transformer.h.{i}."
+        h = layer_norm(x, t(p + "ln_1.weight"), t(p + "ln_1.bias"))
+
+        # attention
+        q = _linear(h, t(p + "attn.q_proj.weight")).reshape(seq, n_head, head_dim)
+        k = _linear(h, t(p + "attn.k_proj.weight")).reshape(seq, n_head, head_dim)
+        v = _linear(h, t(p + "attn.v_proj.weight")).reshape(seq, n_head, head_dim)
+        q = rotary(q, positions, n_rot, mode=rope)
+        k = rotary(k, positions, n_rot, mode=rope)
+        scores = np.einsum("qhd,khd->hqk", q, k) * scale  # [n_head, seq, seq]
+        scores = np.where(causal[None], -np.inf, scores)
+        scores = scores - scores.max(axis=-1, keepdims=True)
+        probs = np.exp(scores)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        ctx = np.einsum("hqk,khd->qhd", probs, v).reshape(seq, n_embd)
+        attn = _linear(ctx, t(p + "attn.out_proj.weight"))
+
+        # MLP, fed by the same layer norm output
+        m = gelu_tanh(_linear(h, t(p + "mlp.fc_in.weight"), t(p + "mlp.fc_in.bias")))
+        mlp = _linear(m, t(p + "mlp.fc_out.weight"), t(p + "mlp.fc_out.bias"))
+
+        x = x + attn + mlp
+
+    x = layer_norm(x, t("transformer.ln_f.weight"), t("transformer.ln_f.bias"))
+    return _linear(x, t("lm_head.weight"), t("lm_head.bias"))

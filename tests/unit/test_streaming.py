@@ -1,0 +1,86 @@
+"""Stop-sequence holdback and UTF-8 assembly (pure logic)."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.streaming import ChoiceState, TextAssembler
+
+
+def run(pieces: list[bytes], stops: list[str]) -> tuple[str, list[str], bool]:
+    asm = TextAssembler(stops)
+    deltas = [asm.feed(p) for p in pieces]
+    deltas.append(asm.finish())
+    return "".join(deltas), deltas, asm.stopped
+
+
+def test_plain_text_passes_through():
+    text, deltas, stopped = run([b"Hel", b"lo", b" world"], [])
+    assert text == "Hello world" and not stopped
+    assert deltas[:3] == ["Hel", "lo", " world"]
+
+
+def test_multibyte_character_split_across_tokens_is_held_not_replaced():
+    data = "é日😀".encode()
+    text, deltas, _ = run([bytes([b]) for b in data], [])
+    assert text == "é日😀"
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_stop_sequence_split_across_tokens_never_leaks():
+    text, deltas, stopped = run([b"ab", b"c#", b"#", b"#x", b"yz"], ["###"])
+    assert stopped and text == "abc"
+    assert all("#" not in d for d in deltas)
+
+
+def test_partial_stop_prefix_is_released_when_it_does_not_complete():
+    text, deltas, stopped = run([b"a#", b"#b"], ["###"])
+    assert not stopped and text == "a##b"
+    assert deltas[0] == "a"
+
+
+def test_earliest_of_several_stops_wins():
+    text, _, stopped = run([b"one two three"], ["three", "two"])
+    assert stopped and text == "one "
+
+
+def test_invalid_utf8_becomes_replacement_only_when_really_invalid():
+    text, _, _ = run([b"a\xff", b"b"], [])
+    assert text == "a\ufffdb"
+
+
+def test_incomplete_tail_at_end_is_flushed_as_replacement():
+    text, _, _ = run([b"ok\xe6\x97"], [])
+    assert text == "ok\ufffd"
+
+
+def test_choice_records_align_with_released_text():
+    state = ChoiceState(0, TextAssembler(["cd"]))
+    for piece in [b"a", b"b", b"c", b"d", b"e"]:
+        state.add(piece, None)
+        if state.assembler.stopped:
+            break
+    state.close()
+    assert state.full_text == "ab"
+    records = state.take_records(final=True)
+    assert [r.piece for r in records] == [b"a", b"b"]
+
+
+texts = st.text(alphabet=st.sampled_from(list("ab#é日😀 \n")), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=texts, cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=20),
+       stops=st.lists(st.text(alphabet=st.sampled_from(list("ab#é")), min_size=1, max_size=4), max_size=4))
+def test_any_byte_split_gives_the_same_text_as_the_whole(text, cuts, stops):
+    """Joined deltas equal: the text cut at the first stop sequence; no delta holds a partial char."""
+    data = text.encode()
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    pieces = [data[i:j] for i, j in zip([0, *points], [*points, len(data)])]
+    joined, deltas, stopped = run(pieces, stops)
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    expected = text[: min(hits)] if hits else text
+    assert joined == expected
+    assert stopped == bool(hits)
+    assert all("\ufffd" not in d for d in deltas)
+    for s in stops:
+        assert s not in joined
