@@ -67,9 +67,9 @@ class Run:
             elif isinstance(event, Failed):
                 self.cancel()
                 raise failure_to_error(event)
-            elif isinstance(event, Finished):  # cancelled while queued
-                self._open.discard(index)
-                raise asyncio.CancelledError()
+            elif isinstance(event, Finished) and index not in self.started:
+                self._open.discard(index)  # cancelled while still queued: the client went away
+                raise APIError(499, "The client closed the request.", code="client_closed_request")
             else:
                 self._early.append((index, event))
 

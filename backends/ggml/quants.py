@@ -117,8 +117,9 @@ def _trunc_int(v: np.ndarray) -> np.ndarray:
 
 def _q_min_scale(b: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """q4_1/q5_1 common part: (min, d, id) per block."""
-    mn = b.min(axis=1)
-    mx = b.max(axis=1)
+    rows = np.arange(b.shape[0])
+    mn = b[rows, np.argmin(b, axis=1)]  # the first minimum, as the C loop keeps it (-0.0 vs 0.0)
+    mx = b[rows, np.argmax(b, axis=1)]
     d = ((mx - mn) / F32(levels)).astype(F32)
     return mn, d, _inv(d)
 

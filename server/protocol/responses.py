@@ -8,6 +8,13 @@ from pydantic import BaseModel
 
 
 class _Response(BaseModel):
+    _CONSTANTS = ("object", "role")  # fixed-value fields that are always sent
+
+    def model_post_init(self, _context: Any) -> None:
+        for name in self._CONSTANTS:
+            if name in type(self).model_fields:
+                self.__pydantic_fields_set__.add(name)
+
     def wire(self) -> dict[str, Any]:
         """JSON-ready dict: fields explicitly set (even to null) are kept, unset optional ones dropped."""
         return self.model_dump(mode="json", exclude_unset=True)

@@ -19,6 +19,13 @@ PyTorch's ``nn.Linear.weight``; ``y = x @ W.T + b``.
 its rope mode 0 loops over the WHOLE head, so the dims past ``n_rot`` are turned as well, with
 the frequency sequence simply continued (pair ``i`` -> ``10000 ** (-2i / n_rot)`` for every
 ``i < head_dim / 2``). With ``n_rot == head_dim`` both modes are identical.
+
+``ggml_f16=True`` rounds to float16 where ctransformers 0.2.27's ggml does even for f32 weights:
+the KV cache is f16 (K after rotary, V), Q is converted to f16 for the K.Q product, softmax takes
+``exp`` from an f16 table (argument and result rounded to f16), the probabilities are converted to
+f16 for the product with V, and GELU is an f16 table (argument and result rounded to f16). The
+default (False) is the clean float64 model; the option exists to show that the remaining
+difference to the engine is this rounding and nothing else.
 """
 
 from __future__ import annotations
@@ -63,6 +70,14 @@ def rotary(x: np.ndarray, positions: np.ndarray, n_rot: int, *, mode: str = "gpt
     return out
 
 
+def _f16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).astype(x.dtype)
+
+
+def _identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
 def _linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     y = x @ weight.T
     if bias is not None:
@@ -76,6 +91,7 @@ def forward(
     tokens: list[int],
     *,
     rope: str = "gptj",
+    ggml_f16: bool = False,
     dtype=np.float64,
 ) -> np.ndarray:
     """Logits for every position: array [len(tokens), n_vocab].
@@ -106,6 +122,7 @@ def forward(
     x = t("transformer.wte.weight")[ids]  # [seq, n_embd]
     causal = np.triu(np.ones((seq, seq), dtype=bool), k=1)  # True where key is in the future
     scale = 1.0 / np.sqrt(head_dim)
+    r16 = _f16 if ggml_f16 else _identity
 
     for i in range(n_layer):
         p = f"transformer.h.{i}."
@@ -115,18 +132,19 @@ def forward(
         q = _linear(h, t(p + "attn.q_proj.weight")).reshape(seq, n_head, head_dim)
         k = _linear(h, t(p + "attn.k_proj.weight")).reshape(seq, n_head, head_dim)
         v = _linear(h, t(p + "attn.v_proj.weight")).reshape(seq, n_head, head_dim)
-        q = rotary(q, positions, n_rot, mode=rope)
-        k = rotary(k, positions, n_rot, mode=rope)
+        q = r16(rotary(q, positions, n_rot, mode=rope))
+        k = r16(rotary(k, positions, n_rot, mode=rope))
+        v = r16(v)
         scores = np.einsum("qhd,khd->hqk", q, k) * scale  # [n_head, seq, seq]
         scores = np.where(causal[None], -np.inf, scores)
         scores = scores - scores.max(axis=-1, keepdims=True)
-        probs = np.exp(scores)
+        probs = r16(np.exp(r16(scores)))
         probs /= probs.sum(axis=-1, keepdims=True)
-        ctx = np.einsum("hqk,khd->qhd", probs, v).reshape(seq, n_embd)
+        ctx = np.einsum("hqk,khd->qhd", r16(probs), v).reshape(seq, n_embd)
         attn = _linear(ctx, t(p + "attn.out_proj.weight"))
 
         # MLP, fed by the same layer norm output
-        m = gelu_tanh(_linear(h, t(p + "mlp.fc_in.weight"), t(p + "mlp.fc_in.bias")))
+        m = r16(gelu_tanh(r16(_linear(h, t(p + "mlp.fc_in.weight"), t(p + "mlp.fc_in.bias")))))
         mlp = _linear(m, t(p + "mlp.fc_out.weight"), t(p + "mlp.fc_out.bias"))
 
         x = x + attn + mlp

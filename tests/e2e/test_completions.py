@@ -1,0 +1,172 @@
+"""POST /v1/completions over raw HTTP, checked against OpenAI's schemas."""
+
+import pytest
+
+from tests.e2e.sse import stream
+from tests.schemas import validate
+
+
+def complete(client, **body):
+    r = client.post("/completions", json={"model": "succ", **body})
+    assert r.status_code == 200, r.text
+    validate("completion", r.json())
+    return r.json()
+
+
+def test_greedy_text_usage_and_finish_reasons(client):
+    body = complete(client, prompt="x", max_tokens=10)
+    assert body["object"] == "text_completion" and body["model"] == "succ"
+    assert body["choices"] == [{"text": "yz", "index": 0, "logprobs": None, "finish_reason": "stop"}]
+    assert body["usage"] == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    body = complete(client, prompt="a", max_tokens=4)
+    assert body["choices"][0]["text"] == "bcde" and body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 4
+
+
+def test_alias_resolves_to_the_model(client):
+    body = complete(client, model="succ-alias", prompt="x")
+    assert body["model"] == "succ" and body["choices"][0]["text"] == "yz"
+
+
+def test_prompt_shapes(client):
+    body = complete(client, prompt=["x", "a"], max_tokens=3)
+    assert [c["text"] for c in body["choices"]] == ["yz", "bcd"]
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert body["usage"]["prompt_tokens"] == 2
+    x, a = ord("x"), ord("a")
+    assert complete(client, prompt=[x], max_tokens=3)["choices"][0]["text"] == "yz"
+    body = complete(client, prompt=[[x], [a, a]], max_tokens=2)
+    assert [c["text"] for c in body["choices"]] == ["yz", "bc"]
+    assert body["usage"]["prompt_tokens"] == 3
+
+
+def test_echo(client):
+    assert complete(client, prompt="x", echo=True)["choices"][0]["text"] == "xyz"
+    assert complete(client, prompt=[ord("w")], echo=True)["choices"][0]["text"] == "wxyz"
+
+
+def test_max_tokens_zero_returns_nothing(client):
+    body = complete(client, prompt="a", max_tokens=0)
+    assert body["choices"][0]["text"] == "" and body["choices"][0]["finish_reason"] == "length"
+
+
+def test_stop_sequence_split_across_tokens(client):
+    body = complete(client, prompt="a", max_tokens=20, stop=["def"])
+    assert body["choices"][0]["text"] == "bc" and body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["completion_tokens"] == 5  # b c d e f: the stop completed on "f"
+    chunks, _ = stream(client, "/completions", {"model": "succ", "prompt": "a", "max_tokens": 20,
+                                                "stop": "def"})
+    texts = [c["choices"][0]["text"] for c in chunks]
+    assert "".join(texts) == "bc" and all("d" not in t for t in texts)
+
+
+def test_multibyte_utf8_is_never_split(client):
+    body = complete(client, prompt="5", max_tokens=10)
+    assert body["choices"][0]["text"] == "6789é日 done"
+    chunks, _ = stream(client, "/completions", {"model": "succ", "prompt": "5", "max_tokens": 10})
+    texts = [c["choices"][0]["text"] for c in chunks]
+    assert all("\ufffd" not in t for t in texts)
+    assert "".join(texts) == "6789é日 done"
+
+
+def test_non_ascii_prompt(client):
+    body = complete(client, prompt="héllo wörld 日本語 😀 x", max_tokens=5)
+    assert body["choices"][0]["text"] == "yz"
+    assert body["usage"]["prompt_tokens"] == len("héllo wörld 日本語 😀 x".encode())
+
+
+def test_stream_framing_finish_and_usage(client):
+    chunks, raw = stream(client, "/completions", {"model": "succ", "prompt": "a", "max_tokens": 3,
+                                                  "stream_options": {"include_usage": True}})
+    for c in chunks:
+        validate("completion_chunk", c)
+    assert len({c["id"] for c in chunks}) == 1 and len({c["created"] for c in chunks}) == 1
+    body, usage_chunk = chunks[:-1], chunks[-1]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 3
+    assert all(c["usage"] is None for c in body)
+    assert [c["choices"][0]["finish_reason"] for c in body[:-1]] == [None] * (len(body) - 1)
+    assert body[-1]["choices"][0]["finish_reason"] == "length"
+    assert "".join(c["choices"][0]["text"] for c in body) == "bcd"
+
+
+def test_stream_without_usage_has_no_usage_field(client):
+    chunks, _ = stream(client, "/completions", {"model": "succ", "prompt": "x"})
+    assert all("usage" not in c for c in chunks)
+
+
+def test_seed_makes_sampling_reproducible_and_stream_matches(client):
+    req = {"model": "rand", "prompt": "Once upon", "max_tokens": 24, "temperature": 1.0, "seed": 42}
+    first = complete(client, **req)["choices"][0]["text"]
+    again = complete(client, **req)["choices"][0]["text"]
+    other = complete(client, **{**req, "seed": 43})["choices"][0]["text"]
+    assert first == again and first != other
+    chunks, _ = stream(client, "/completions", req)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == first
+
+
+def test_n_choices_with_seed(client):
+    req = {"model": "rand", "prompt": "Hello", "max_tokens": 8, "n": 3, "seed": 5}
+    body = complete(client, **req)
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert body == {**complete(client, **req), "id": body["id"], "created": body["created"]}
+    texts = {c["choices"][0]["index"]: "" for c in []}
+    chunks, _ = stream(client, "/completions", req)
+    for c in chunks:
+        for ch in c["choices"]:
+            texts[ch["index"]] = texts.get(ch["index"], "") + ch["text"]
+    assert [texts[i] for i in range(3)] == [c["text"] for c in body["choices"]]
+
+
+def test_logprobs(client):
+    body = complete(client, model="rand", prompt="Hello", max_tokens=5, logprobs=2, temperature=0)
+    lp = body["choices"][0]["logprobs"]
+    n = body["usage"]["completion_tokens"]
+    assert n >= 1 and len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == n
+    assert "".join(lp["tokens"]) == body["choices"][0]["text"]
+    for tok, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert value <= 0 and len(top) <= 2
+        assert max(top.values()) == pytest.approx(value)  # greedy picks the most likely token
+    assert lp["text_offset"][0] == 0
+
+
+def test_penalties_and_logit_bias_change_the_output(client):
+    base = {"model": "succ", "prompt": "a", "max_tokens": 3}
+    assert complete(client, **base)["choices"][0]["text"] == "bcd"
+    forced = complete(client, **base, logit_bias={str(ord("q")): 100})
+    assert forced["choices"][0]["text"] == "qqq"
+    penalised = complete(client, **base, logit_bias={str(ord("q")): 100}, presence_penalty=2.0,
+                         frequency_penalty=2.0)
+    assert penalised["choices"][0]["text"].startswith("q")
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"suffix": "x"}, "suffix"),
+    ({"best_of": 3}, "best_of"),
+    ({"echo": True, "logprobs": 1}, "logprobs"),
+    ({"unknown_thing": 1}, "unknown_thing"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"temperature": 3}, "temperature"),
+    ({"max_tokens": -1}, "max_tokens"),
+    ({"n": 1000}, "n"),
+    ({"logit_bias": {"99999": 1}}, "logit_bias"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+])
+def test_bad_parameters_are_400_naming_the_param(client, body, param):
+    r = client.post("/completions", json={"model": "succ", "prompt": "x", **body})
+    assert r.status_code == 400, r.text
+    validate("error", r.json())
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert r.json()["error"]["param"].startswith(param)
+
+
+def test_context_length_exceeded(client):
+    r = client.post("/completions", json={"model": "rand", "prompt": "x", "max_tokens": 500})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = client.post("/completions", json={"model": "rand", "prompt": [1] * 120, "max_tokens": 20})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    validate("error", r.json())
+    r = client.post("/completions", json={"model": "rand", "prompt": [1] * 120, "max_tokens": 20,
+                                          "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert client.post("/completions", json={"model": "rand", "prompt": [1] * 120,
+                                             "max_tokens": 8}).status_code == 200

@@ -1,0 +1,55 @@
+"""Validate response bodies against OpenAI's own schemas (tests/openai_schemas.json, from the OpenAPI spec)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import jsonschema
+
+SCHEMAS = Path(__file__).with_name("openai_schemas.json")
+
+
+def _fix_nullable(node):
+    """OpenAPI's `nullable: true` → JSON Schema anyOf [X, null] (plain validators ignore the keyword)."""
+    if isinstance(node, list):
+        return [_fix_nullable(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _fix_nullable(v) for k, v in node.items()}
+    if node.pop("nullable", False):
+        return {"anyOf": [node, {"type": "null"}]}
+    return node
+
+
+@lru_cache(maxsize=1)
+def _doc() -> dict:
+    doc = json.loads(SCHEMAS.read_text())
+    doc["components"] = _fix_nullable(copy.deepcopy(doc["components"]))
+    return doc
+
+
+@lru_cache(maxsize=1)
+def _chunk_components() -> dict:
+    """The spec reuses CreateCompletionResponse for stream chunks, whose finish_reason is null until
+    a choice's last chunk (OpenAI's own example shows this), and with stream_options.include_usage
+    every chunk but the last carries "usage": null (as in the chat chunk schema). Allow exactly these
+    two nulls, in chunks only."""
+    components = copy.deepcopy(_doc()["components"])
+    props = components["schemas"]["CreateCompletionResponse"]["properties"]
+    props["usage"] = {"anyOf": [props["usage"], {"type": "null"}]}
+    choice = props["choices"]["items"]
+    choice["properties"]["finish_reason"] = {"anyOf": [choice["properties"]["finish_reason"],
+                                                       {"type": "null"}]}
+    return components
+
+
+def validate(root: str, obj: object) -> None:
+    """Raise jsonschema.ValidationError unless obj matches the named root (e.g. 'chat_chunk')."""
+    doc = _doc()
+    name = doc["roots"][root]
+    components = _chunk_components() if root == "completion_chunk" else doc["components"]
+    schema = {"$ref": f"#/components/schemas/{name}", "components": components}
+    jsonschema.Draft202012Validator(schema).validate(obj)
