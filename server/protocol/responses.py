@@ -12,7 +12,8 @@ class _Response(BaseModel):
 
     def model_post_init(self, _context: Any) -> None:
         for name in self._CONSTANTS:
-            if name in type(self).model_fields:
+            field = type(self).model_fields.get(name)
+            if field is not None and field.default is not None:
                 self.__pydantic_fields_set__.add(name)
 
     def wire(self) -> dict[str, Any]:
