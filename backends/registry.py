@@ -207,8 +207,10 @@ def resolve(path: Path, create_missing: bool = True) -> Registry:
 def _servable(path: Path, idx: int, spec: ModelSpec, file: Path) -> ModelInfo | str:
     """The file's header info, or why the entry cannot be served."""
     if not file.is_file():
-        how = f"download it with `gpt4all-j-server pull {spec.id}` (from {spec.url})" if spec.url else \
-            "put the model file there"
+        how = f"download it: curl -L -o {file} {spec.url}" if spec.url else "put the model file there"
+        if spec.needs_conversion:
+            how += ("; this file uses GPT4All's pre-May-2023 GGML layout, which must be converted to the "
+                    "standard layout before it can be served")
         return f"file {file} is missing; {how}"
     try:
         info = inspect_model(file)

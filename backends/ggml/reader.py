@@ -207,8 +207,10 @@ def _vocab(mm, off: int, size: int, n_vocab: int, keep: bool) -> tuple[int, int 
             raise _Bad(f"file is truncated inside the vocabulary (token {i} of {count})")
         (length,) = unpack(mm, off)
         off += 4
-        if length > _MAX_TOKEN_LEN or off + length > size:
-            raise _Bad(f"vocabulary token {i} has an impossible length {length} (corrupt or truncated file)")
+        if length > _MAX_TOKEN_LEN:
+            raise _Bad(f"vocabulary token {i} has an impossible length {length} (corrupt file)")
+        if off + length > size:
+            raise _Bad(f"file is truncated inside the vocabulary (token {i} of {count})")
         if keep:
             tokens.append(bytes(mm[off : off + length]))
         if length == n_eos and eos is None and mm[off : off + length] == EOS_TOKEN:

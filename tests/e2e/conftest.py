@@ -77,9 +77,10 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def start_server(registry: Path, log: Path, extra_env: dict[str, str] | None = None) -> Server:
+def start_server(registry: Path, log: Path, extra_env: dict[str, str] | None = None,
+                 port: int | None = None) -> Server:
     """Start `python -m server serve` and wait until /ready says ready."""
-    port = free_port()
+    port = port or free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     out = log.open("w")
     proc = subprocess.Popen(

@@ -185,7 +185,7 @@ def _scaled(x: np.ndarray, scale: float) -> np.ndarray:
     """x * scale, flushing magnitudes below 1e-20 to 0: with a (near-)subnormal block scale 1/d
     overflows to inf, in ggml as here, and the block's levels are undefined."""
     x = (x * F(scale)).astype(F)
-    return np.where(np.abs(x) < 1e-20, F(0), x).astype(F)
+    return np.where(np.abs(x) < 1e-20, x * F(0), x).astype(F)  # keeps the sign of zeros
 
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,0 +1,72 @@
+"""Registry validation: errors name the file, the entry and the field."""
+
+from pathlib import Path
+
+import pytest
+
+from backends.registry import RegistryError, load_registry_file, resolve
+from tests.models import write_successor
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "reg.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("models:\n  - id: a\n    path: a.bin\n    colour: red\n", ["models[0] (id 'a')", "'colour'", "Extra inputs"]),
+    ("models:\n  - id: a\n    path: a.bin\n    workers: many\n", ["models[0] (id 'a')", "'workers'"]),
+    ("models:\n  - id: a\n    path: a.bin\n  - id: a\n    path: b.bin\n", ["models[1] (id 'a')", "'id'", "already used"]),
+    ("models:\n  - id: a\n    path: a.bin\n  - id: b\n    aliases: [a]\n    path: b.bin\n", ["models[1] (id 'b')", "'aliases'"]),
+    ("models:\n  - id: a\n    path: a.bin\n    prompt_template: nope\n", ["'prompt_template'", "unknown template"]),
+    ("models:\n  - path: a.bin\n", ["models[0]", "'id'", "Field required"]),
+    ("models: []\n", ["models"]),
+    ("models:\n  - id: a\n    path: a.bin\n    sampling: {temperature: 5}\n", ["'sampling.temperature'"]),
+    ("{not yaml", ["not valid YAML"]),
+])
+def test_errors_name_file_entry_and_field(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(RegistryError) as err:
+        load_registry_file(path)
+    message = str(err.value)
+    assert str(path) in message
+    for part in expected:
+        assert part in message, message
+
+
+def test_missing_and_bad_files_are_skipped_with_reasons(tmp_path):
+    write_successor(tmp_path / "good.bin")
+    (tmp_path / "bad.bin").write_bytes(b"GGUF" + b"\0" * 100)
+    path = write(tmp_path, "models:\n"
+                 "  - {id: good, path: good.bin, prompt_template: plain}\n"
+                 "  - {id: gone, path: gone.bin, url: 'http://example.invalid/x.bin'}\n"
+                 "  - {id: bad, path: bad.bin}\n")
+    reg = resolve(path)
+    assert [m.spec.id for m in reg.served] == ["good"]
+    assert "missing" in reg.skipped["gone"] and "curl -L -o" in reg.skipped["gone"]
+    assert "bad" in reg.skipped
+    assert reg.served[0].info.n_vocab == 320
+
+
+def test_context_length_above_the_file_is_an_error(tmp_path):
+    write_successor(tmp_path / "good.bin", n_ctx=256)
+    path = write(tmp_path, "models:\n  - {id: good, path: good.bin, context_length: 4096}\n")
+    with pytest.raises(RegistryError, match="'context_length'.*exceeds the file's n_ctx of 256"):
+        resolve(path)
+
+
+def test_bundled_registry_is_valid_and_lists_the_gpt4all_j_releases():
+    parsed = load_registry_file(ROOT / "model_registry.yaml")
+    ids = [m.id for m in parsed.models]
+    for release in ("v1.3-groovy", "v1.2-jazzy", "v1.1-breezy"):
+        assert any(release in i for i in ids)
+    assert "demo" in ids
+
+
+def test_demo_model_is_written_when_missing(tmp_path):
+    path = write(tmp_path, "models:\n  - {id: demo, path: m/demo.bin, create_if_missing: demo}\n")
+    reg = resolve(path)
+    assert [m.spec.id for m in reg.served] == ["demo"] and (tmp_path / "m/demo.bin").is_file()
