@@ -7,6 +7,7 @@ crash on, load with garbage, or refuse with an unhelpful message.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import re
@@ -21,7 +22,6 @@ from .constants import (
     FTYPE_NAMES,
     FTYPE_TO_GGML_TYPE,
     GGML_MAGIC,
-    GGML_TYPE_F16,
     GGML_TYPE_F32,
     HPARAM_NAMES,
     LEGACY_FTYPE_NAMES,
@@ -37,6 +37,7 @@ from .constants import (
 )
 from .quants import dequantize, dequantize_legacy
 
+_VOCAB_OFFSET = 32  # magic + 7 hparams; the vocab count follows
 _MAX_TOKEN_LEN = 1 << 16
 _MAX_NAME_LEN = 1024
 _LAYER_RE = re.compile(r"transformer\.h\.(\d+)\.")
@@ -115,13 +116,6 @@ class _Bad(Exception):
     """Internal: a problem found while parsing (becomes a ModelFileError)."""
 
 
-@dataclass
-class _Header:
-    hparams: dict[str, int]
-    file_size: int
-    vocab_offset: int
-
-
 def _open(path: str | os.PathLike) -> tuple[Path, int]:
     p = Path(path)
     if not p.exists():
@@ -131,14 +125,15 @@ def _open(path: str | os.PathLike) -> tuple[Path, int]:
     return p, p.stat().st_size
 
 
-def _map(p: Path, size: int) -> mmap.mmap | bytes:
+def _map(p: Path, size: int):
+    """Context manager: the file mapped read-only (b"" when empty)."""
+    if size == 0:
+        return contextlib.nullcontext(b"")
     with open(p, "rb") as f:
-        if size == 0:
-            return b""
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
-def _header(mm, size: int) -> _Header:
+def _header(mm, size: int) -> dict[str, int]:
     if size < 4:
         raise _Bad(f"file is only {size} bytes long: not a GGML model")
     (magic,) = struct.unpack_from("<I", mm, 0)
@@ -154,10 +149,9 @@ def _header(mm, size: int) -> _Header:
             f"bad magic {head!r} (0x{magic:08x}): {what}; expected the unversioned GGML container "
             f"(magic 0x{GGML_MAGIC:08x}, 'lmgg' on disk) of a GPT-J model"
         )
-    if size < 36:
+    if size < _VOCAB_OFFSET:
         raise _Bad(f"file is truncated inside the header ({size} bytes)")
-    values = struct.unpack_from("<7i", mm, 4)
-    return _Header(dict(zip(HPARAM_NAMES, values)), size, 32)
+    return dict(zip(HPARAM_NAMES, struct.unpack_from("<7i", mm, 4)))
 
 
 def _check_hparams(hp: dict[str, int]) -> None:
@@ -288,40 +282,35 @@ def _legacy_message(hp: dict[str, int], name: str) -> str:
     )
 
 
-def _scan(path, allow_legacy: bool = False, keep_vocab: bool = False):
-    """Parse and validate a file: (info, tensors, legacy?, vocab, mapping)."""
+def _scan(path, allow_legacy: bool = False) -> tuple[ModelInfo, list[TensorInfo], bool]:
+    """Parse and validate a file: (info, tensor records, legacy layout?)."""
     p, size = _open(path)
-    mm = _map(p, size)
-    try:
-        hdr = _header(mm, size)
-        hp = hdr.hparams
-        _check_hparams(hp)
-        name, wtype, qver, legacy = _ftype(hp["ftype"])
-        off, eos, vocab = _vocab(mm, hdr.vocab_offset, size, hp["n_vocab"], keep_vocab)
-        if not legacy:
-            tensors = _walk(mm, off, size, hp, wtype, TYPE_BLOCK)
-        else:
-            try:
-                tensors = _walk(mm, off, size, hp, wtype, LEGACY_TYPE_BLOCK)
-            except _Bad as legacy_err:
+    with _map(p, size) as mm:
+        try:
+            hp = _header(mm, size)
+            _check_hparams(hp)
+            name, wtype, qver, legacy = _ftype(hp["ftype"])
+            off, eos, _ = _vocab(mm, _VOCAB_OFFSET, size, hp["n_vocab"], False)
+            if not legacy:
+                tensors = _walk(mm, off, size, hp, wtype, TYPE_BLOCK)
+            else:
                 try:
-                    _walk(mm, off, size, hp, wtype, TYPE_BLOCK)
-                except _Bad:
-                    raise LegacyModelFileError(p, f"{_legacy_message(hp, name)} (and it looks damaged: {legacy_err})")
-                raise _Bad(
-                    f"header ftype {hp['ftype']} lacks the quantization version (expected "
-                    f"{hp['ftype'] + QNT_VERSION * QNT_VERSION_FACTOR}) although the blocks use the current layout"
-                ) from None
-            if not allow_legacy:
-                raise LegacyModelFileError(p, _legacy_message(hp, name))
-    except _Bad as e:
-        if isinstance(mm, mmap.mmap):
-            mm.close()
-        raise ModelFileError(p, str(e)) from None
-    except BaseException:
-        if isinstance(mm, mmap.mmap):
-            mm.close()
-        raise
+                    tensors = _walk(mm, off, size, hp, wtype, LEGACY_TYPE_BLOCK)
+                except _Bad as legacy_err:
+                    try:
+                        _walk(mm, off, size, hp, wtype, TYPE_BLOCK)
+                    except _Bad:
+                        msg = f"{_legacy_message(hp, name)} (and it looks damaged: {legacy_err})"
+                        raise LegacyModelFileError(p, msg) from None
+                    raise _Bad(
+                        f"header ftype {hp['ftype']} lacks the quantization version (expected "
+                        f"{hp['ftype'] + QNT_VERSION * QNT_VERSION_FACTOR}) although the blocks use the "
+                        "current layout"
+                    ) from None
+                if not allow_legacy:
+                    raise LegacyModelFileError(p, _legacy_message(hp, name))
+        except _Bad as e:
+            raise ModelFileError(p, str(e)) from None
     info = ModelInfo(
         path=str(p),
         architecture="gptj",
@@ -334,55 +323,43 @@ def _scan(path, allow_legacy: bool = False, keep_vocab: bool = False):
         file_size=size,
         eos_token_id=eos,
     )
-    return info, tensors, legacy, vocab, mm
+    return info, tensors, legacy
 
 
 def inspect_model(path: str | os.PathLike) -> ModelInfo:
     """Validate a GGML GPT-J file (headers only) and describe it; raises ModelFileError."""
-    info, _, _, _, mm = _scan(path)
-    if isinstance(mm, mmap.mmap):
-        mm.close()
-    return info
+    return _scan(path)[0]
 
 
 def list_tensors(path: str | os.PathLike, *, allow_legacy: bool = False) -> list[TensorInfo]:
     """Validate a file and list its tensor records in file order."""
-    _, tensors, _, _, mm = _scan(path, allow_legacy)
-    if isinstance(mm, mmap.mmap):
-        mm.close()
-    return tensors
+    return _scan(path, allow_legacy)[1]
 
 
 def read_hparams(path: str | os.PathLike) -> dict[str, int]:
     """The 7 header integers (n_vocab, n_ctx, n_embd, n_head, n_layer, n_rot, raw ftype); checks magic only."""
     p, size = _open(path)
     with open(p, "rb") as f:
-        head = f.read(36)
+        head = f.read(_VOCAB_OFFSET)
     try:
-        return dict(_header(head, min(size, len(head))).hparams)
+        return _header(head, len(head))
     except _Bad as e:
         raise ModelFileError(p, str(e)) from None
 
 
 def read_vocab(path: str | os.PathLike) -> list[bytes]:
-    """The vocabulary as raw token bytes (id order); works for legacy files too."""
+    """The vocabulary as raw token bytes (id order); checks magic only, so legacy files work too."""
     p, size = _open(path)
-    mm = _map(p, size)
-    try:
-        hdr = _header(mm, size)
-        return _vocab(mm, hdr.vocab_offset, size, hdr.hparams["n_vocab"], True)[2]
-    except _Bad as e:
-        raise ModelFileError(p, str(e)) from None
-    finally:
-        if isinstance(mm, mmap.mmap):
-            mm.close()
+    with _map(p, size) as mm:
+        try:
+            return _vocab(mm, _VOCAB_OFFSET, size, _header(mm, size)["n_vocab"], True)[2]
+        except _Bad as e:
+            raise ModelFileError(p, str(e)) from None
 
 
 def read_tensors(path: str | os.PathLike, *, allow_legacy: bool = False) -> dict[str, np.ndarray]:
     """All tensors dequantized to float32, numpy shape = reversed ggml dims, in file order."""
-    _, tensors, legacy, _, mm = _scan(path, allow_legacy)
-    if isinstance(mm, mmap.mmap):
-        mm.close()
+    _, tensors, legacy = _scan(path, allow_legacy)
     decode = dequantize_legacy if legacy else dequantize
     out = {}
     with open(path, "rb") as f:

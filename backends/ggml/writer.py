@@ -136,7 +136,8 @@ def _random_weights(config: GPTJConfig, rng: np.random.Generator) -> dict[str, n
             scale = 1.0 / np.sqrt(shape[1])
         else:  # fc_in/fc_out/lm_head biases
             scale = 0.1
-        out[name] = (g * np.float32(scale)).astype(np.float32)
+        g *= np.float32(scale)
+        out[name] = g
     return out
 
 

@@ -26,6 +26,11 @@ async def ready(request: Request) -> JSONResponse:
             missing[m.spec.id] = "not loaded"
         elif p is not None and p.alive == 0:
             missing[m.spec.id] = "no live workers"
-    body = {"status": "ready" if not missing else "not_ready", "missing": missing,
+    models = {
+        name: {"alive": p.alive, "busy": p.busy, "queued": len(p.pending), "restarts": p.restarts,
+               "worker_pids": [w.process.pid for w in p.workers if w.alive]}
+        for name, p in pool.models.items()
+    }
+    body = {"status": "ready" if not missing else "not_ready", "models": models, "missing": missing,
             "skipped": service.registry.skipped}
     return JSONResponse(body, status_code=200 if not missing else 503)
