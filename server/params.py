@@ -27,6 +27,7 @@ class Plan:
     echo: bool
     stream: bool
     include_usage: bool
+    prompt_param: str = "prompt"  # the request field an over-long prompt is blamed on
 
     def seed_for(self, choice: int) -> SamplingParams:
         """Sampling parameters of one choice: the request seed offset by the choice index."""
@@ -181,7 +182,7 @@ def chat_plan(req: ChatCompletionRequest, model: ServedModel, settings: Settings
     max_tokens = _max_tokens(value if value is not None else model.spec.sampling.max_tokens, model, param)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     return Plan([prompt], n, max_tokens, to_sampling(req, model), _stops(req, model), logprobs,
-                False, stream, include_usage)
+                False, stream, include_usage, prompt_param="messages")
 
 
 def _message(i: int, m: Any) -> tuple[str, str]:

@@ -30,7 +30,7 @@ def completion_logprobs(records: list[TokenRecord], offset: int) -> CompletionLo
         text = token_text(rec.piece)
         tokens.append(text)
         lps.append(lp.logprob)
-        tops.append({token_text(p): v for p, v in lp.top} if lp.top else None)
+        tops.append({token_text(p): v for p, v in lp.top})
         offsets.append(pos)
         pos += len(text)
     return CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets)

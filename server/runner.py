@@ -11,12 +11,12 @@ from server.errors import APIError
 from server.params import Plan
 
 
-def failure_to_error(event: Failed) -> APIError:
+def failure_to_error(event: Failed, param: str = "prompt") -> APIError:
     """Map an engine failure to the HTTP error the client sees."""
     if event.kind == ErrorKind.CONTEXT_LENGTH:
-        return APIError(400, event.message, param="messages", code="context_length_exceeded")
+        return APIError(400, event.message, param=param, code="context_length_exceeded")
     if event.kind == ErrorKind.INVALID_REQUEST:
-        return APIError(400, event.message, param="prompt", code="invalid_prompt")
+        return APIError(400, event.message, param=param, code="invalid_prompt")
     return APIError(500, f"The model failed while generating: {event.message}", type="server_error",
                     code="internal_error")
 
@@ -66,7 +66,7 @@ class Run:
                 self.started[index] = event
             elif isinstance(event, Failed):
                 self.cancel()
-                raise failure_to_error(event)
+                raise failure_to_error(event, self.plan.prompt_param)
             elif isinstance(event, Finished) and index not in self.started:
                 self._open.discard(index)  # cancelled while still queued: the client went away
                 raise APIError(499, "The client closed the request.", code="client_closed_request")

@@ -182,13 +182,16 @@ def _successor_weights(
         for suffix in ("attn.out_proj.weight", "mlp.fc_out.weight", "mlp.fc_out.bias"):
             key = f"transformer.h.{i}.{suffix}"
             weights[key] = np.zeros_like(weights[key])
-    # Check the margin with the stored (dequantized) weights.
-    logits = _layer_norm(_roundtrip(weights["transformer.wte.weight"], wtype).astype(np.float64))
-    logits = logits @ _roundtrip(weights["lm_head.weight"], wtype).astype(np.float64).T
-    rows = np.arange(v)
-    win = logits[rows, succ]
-    logits[rows, succ] = -np.inf
-    margin = float((win - logits.max(axis=1)).min())
+    # Check the margin with the stored (dequantized) weights, a block of rows at a time.
+    hidden = _layer_norm(_roundtrip(weights["transformer.wte.weight"], wtype).astype(np.float64))
+    head = _roundtrip(weights["lm_head.weight"], wtype).astype(np.float64)
+    margin = np.inf
+    for start in range(0, v, 256):
+        logits = hidden[start : start + 256] @ head.T
+        rows, cols = np.arange(len(logits)), succ[start : start + 256]
+        win = logits[rows, cols]
+        logits[rows, cols] = -np.inf
+        margin = min(margin, float((win - logits.max(axis=1)).min()))
     if margin < min_margin:
         raise ValueError(f"successor model margin {margin:.2f} < {min_margin}; use a larger n_embd")
     return weights

@@ -132,3 +132,13 @@ def test_http_level_errors_use_the_openai_body(client, server):
     for r in cases:
         validate("error", r.json())
     assert cases[0].json()["error"]["code"] == "invalid_json"
+
+
+def test_context_length_exceeded_blames_messages(client):
+    long = [{"role": "user", "content": " ".join(["a"] * 200)}]
+    for stream in (False, True):
+        r = client.post("/chat/completions", json={"model": "rand", "messages": long, "stream": stream})
+        assert r.status_code == 400, r.text
+        validate("error", r.json())
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+        assert r.json()["error"]["param"] == "messages"
