@@ -196,8 +196,7 @@ def resolve(path: Path, create_missing: bool = True) -> Registry:
             write_demo_model(file)
         reason = _servable(path, idx, spec, file)
         if isinstance(reason, str):
-            skipped[spec.id] = reason
-            log.warning("registry entry %r skipped: %s", spec.id, reason)
+            skipped[spec.id] = reason  # logged at startup by the app
             continue
         served.append(ServedModel(spec, file, reason, template_for(parsed, spec.prompt_template)))
     _warn_oversubscribed(served)

@@ -11,12 +11,23 @@ Tolerances. ctransformers 0.2.27 (its bundled ggml) rounds to f16 even with f32 
 cache is f16, Q and the attention probabilities are converted to f16 for their products with K
 and V, softmax takes exp() from an f16 table and GELU is an f16 table. With f16 weights every
 matmul also rounds its input activations to f16; with quantized weights the activations are
-quantized to q8_0/q8_1. The writer's random models have logits with std ~2, so against the clean
-float64 reference f32 and f16 land at max|diff| ~1-3.5e-3 (not 1e-3): the limit is therefore
-2.5e-3 x max(1, logit std), plus a correlation of at least 0.99999. Quantized types are compared
-by correlation (>= 0.999). With the reference's `ggml_f16=True` (same roundings as the engine) and
-`rope="ggml"` the f32 difference mostly drops to ~1e-6 (it is printed, not asserted: a single f16
-rounding flip near a tie can bring it back to ~1e-3).
+quantized to q8_0/q8_1. So f32 and f16 are checked against two references:
+
+* the engine's own arithmetic, `forward_ggml` (an op-for-op float32 replica of ctransformers'
+  gptj_eval: same f16 roundings, tables, accumulation order): max|diff| <= 1e-3, the project's
+  acceptance limit. It reproduces the engine bit for bit here (0.0 for f32 and f16 over 31 seeds,
+  both positions), so the limit has a wide margin;
+* the clean float64 GPT-J, `forward`, to show the model is standard GPT-J and the engine differs
+  from it by rounding only: correlation >= 0.99999 and max|diff| <= 2.5e-3 x max(1, logit std).
+  The writer's random models have logits with std ~2, and the roundings above put f32 at
+  max|diff| ~1.2-2.4e-3 and f16 at ~1.5-3.9e-3 from it (31 seeds), hence not 1e-3.
+
+Also printed, not asserted: `forward(..., rope="ggml", ggml_f16=True)`, the float64 model with
+the same f16 roundings inserted. It lands at ~1e-6..6e-4 for f32 but ~1e-6..3.4e-3 for f16 (31
+seeds): an f16 rounding decision flipped by a last-bit float64/float32 difference near a tie
+propagates and makes further flips likely, and f16 weights add a rounding before every matmul.
+
+Quantized types are compared with the clean reference by correlation (>= 0.999).
 
 A control shows the comparison is sharp enough to catch the classic GPT-J conversion bugs:
 no rotary, or rotary pairs taken NeoX-style (i, i + n_rot/2) instead of interleaved, are off by
@@ -37,15 +48,16 @@ import pytest
 
 from backends.ggml.reader import read_hparams, read_tensors
 from backends.ggml.writer import GPTJConfig, write_model
-from tests.reference.gptj_numpy import forward
+from tests.reference.gptj_numpy import forward, forward_ggml
 
 ctransformers_llm = pytest.importorskip("ctransformers.llm")
 LLM, Config = ctransformers_llm.LLM, ctransformers_llm.Config
 
 FTYPES = ["f32", "f16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
 EXACT_FTYPES = {"f32", "f16"}
-EXACT_MAX_ABS_PER_STD = 2.5e-3  # f32 / f16: max|diff| <= this x max(1, std of the logits)
-EXACT_MIN_CORRELATION = 0.99999
+ENGINE_MAX_ABS = 1e-3  # f32 / f16 vs forward_ggml (the engine's arithmetic): acceptance limit
+EXACT_MAX_ABS_PER_STD = 2.5e-3  # f32 / f16 vs clean GPT-J: max|diff| <= this x max(1, logit std)
+EXACT_MIN_CORRELATION = 0.99999  # f32 / f16 vs clean GPT-J
 QUANT_MIN_CORRELATION = 0.999
 CONTROL_MIN_MAX_ABS = 0.1  # a wrong rotary must be at least this far off
 
@@ -115,8 +127,10 @@ def test_engine_logits_match_numpy_gptj(tmp_path, ftype):
         del llm
 
     ref = forward(tensors, hparams, tokens)
-    # f32 only: the engine's f16 roundings emulated (f16 weights add activation rounding on top).
-    emulated = forward(tensors, hparams, tokens, rope="ggml", ggml_f16=True) if ftype == "f32" else None
+    exact = ftype in EXACT_FTYPES
+    if exact:  # the engine's arithmetic: prompt in one eval call, then one token
+        engine_ref = forward_ggml(tensors, hparams, tokens, evals=[PROMPT_LEN, 1])
+        approx = forward(tensors, hparams, tokens, rope="ggml", ggml_f16=True)  # printed only
     positions = [
         (PROMPT_LEN - 1, "prompt batch", got_prompt),
         (PROMPT_LEN, "next token", got_next),
@@ -129,16 +143,21 @@ def test_engine_logits_match_numpy_gptj(tmp_path, ftype):
         assert std > 0.1, f"{ftype}: reference logits are near-degenerate at position {pos} (std {std:.3g})"
         max_abs, corr = _figures(got, want)
         line = (
-            f"{ftype:5s} pos {pos:2d} ({how:12s}) max|diff| {max_abs:.3e}  corr {corr:.8f}  "
+            f"{ftype:5s} pos {pos:2d} ({how:12s}) clean GPT-J: max|diff| {max_abs:.3e}  corr {corr:.8f}  "
             f"logit std {std:.3f}  argmax engine/ref {int(got.argmax())}/{int(want.argmax())}"
         )
-        if emulated is not None:
-            line += f"  [f16-emulating ref: max|diff| {np.max(np.abs(got - emulated[pos])):.1e}]"
+        if exact:
+            engine_abs = float(np.max(np.abs(got - engine_ref[pos])))
+            approx_abs = float(np.max(np.abs(got - approx[pos])))
+            line += f"  | forward_ggml: max|diff| {engine_abs:.3e}  | f64+f16 rounding: max|diff| {approx_abs:.3e}"
         print(line)
-        if ftype in EXACT_FTYPES:
+        if exact:
             limit = EXACT_MAX_ABS_PER_STD * max(1.0, std)
-            if not (max_abs <= limit and corr >= EXACT_MIN_CORRELATION):
-                failures.append(f"{line}  (limits: max|diff| {limit:.2e}, corr {EXACT_MIN_CORRELATION})")
+            if not (engine_abs <= ENGINE_MAX_ABS and max_abs <= limit and corr >= EXACT_MIN_CORRELATION):
+                failures.append(
+                    f"{line}  (limits: forward_ggml max|diff| {ENGINE_MAX_ABS:.0e}; "
+                    f"clean max|diff| {limit:.2e}, corr {EXACT_MIN_CORRELATION})"
+                )
         elif not corr >= QUANT_MIN_CORRELATION:
             failures.append(f"{line}  (limit: corr {QUANT_MIN_CORRELATION})")
     assert not failures, "engine and numpy GPT-J disagree:\n" + "\n".join(failures)

@@ -39,9 +39,14 @@ from .quants import dequantize, dequantize_legacy
 
 _VOCAB_OFFSET = 32  # magic + 7 hparams; the vocab count follows
 _MAX_TOKEN_LEN = 1 << 16
+_HPARAM_LIMITS = {"n_vocab": 1 << 24, "n_ctx": 1 << 24, "n_embd": 1 << 17, "n_head": 1 << 12, "n_layer": 1 << 12}
 _MAX_NAME_LEN = 1024
 _LAYER_RE = re.compile(r"transformer\.h\.(\d+)\.")
-CONVERT_HINT = "gpt4all-j-server convert IN OUT"
+# The layout needs a one-time rewrite to the standard one; this release does not ship the converter yet.
+CONVERT_HINT = (
+    "it needs a one-time conversion to the standard GGML layout (ftype + 2000, fp16 scales, "
+    "repacked nibbles) before it can be served; this release of gpt4all-j-server has no converter yet"
+)
 
 
 class ModelFileError(ValueError):
@@ -54,7 +59,7 @@ class ModelFileError(ValueError):
 
 
 class LegacyModelFileError(ModelFileError):
-    """GPT4All's pre-May-2023 GGML layout: loadable only after `gpt4all-j-server convert`."""
+    """GPT4All's pre-May-2023 GGML layout: loadable only after conversion to the standard layout."""
 
 
 @dataclass
@@ -158,6 +163,9 @@ def _check_hparams(hp: dict[str, int]) -> None:
     for key in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"):
         if hp[key] <= 0:
             raise _Bad(f"invalid hyperparameter {key}={hp[key]} (must be positive)")
+    for key, limit in _HPARAM_LIMITS.items():
+        if hp[key] > limit:
+            raise _Bad(f"implausible hyperparameter {key}={hp[key]} (more than {limit}; corrupt header?)")
     if hp["n_embd"] % hp["n_head"]:
         raise _Bad(f"n_head {hp['n_head']} does not divide n_embd {hp['n_embd']}")
     head_dim = hp["n_embd"] // hp["n_head"]
@@ -277,8 +285,7 @@ def _walk(mm, off: int, size: int, hp: dict[str, int], wtype: int, blocks: dict)
 def _legacy_message(hp: dict[str, int], name: str) -> str:
     return (
         f"this is GPT4All's legacy pre-May-2023 GGML layout (header ftype {hp['ftype']} = {name} without a "
-        "quantization version, old block layout), which ctransformers 0.2.27 cannot load; "
-        f"convert it with `{CONVERT_HINT}`"
+        f"quantization version, old block layout), which ctransformers 0.2.27 cannot load: {CONVERT_HINT}"
     )
 
 

@@ -27,7 +27,7 @@ from .constants import (
     QUANTIZED_FTYPES,
     gptj_tensor_shapes,
 )
-from .quants import dequantize, quantize, quantize_legacy
+from .quants import dequantize, dequantize_legacy, quantize, quantize_legacy
 
 MIN_VOCAB = 300
 _CHUNK = 1 << 22  # weights quantized at once
@@ -141,9 +141,10 @@ def _random_weights(config: GPTJConfig, rng: np.random.Generator) -> dict[str, n
     return out
 
 
-def _roundtrip(x: np.ndarray, wtype: int) -> np.ndarray:
-    """What the engine sees of `x` stored as `wtype`."""
-    return dequantize(quantize(x.reshape(-1), wtype), wtype, x.size).reshape(x.shape)
+def _roundtrip(x: np.ndarray, wtype: int, legacy: bool) -> np.ndarray:
+    """What a reader sees of `x` stored as `wtype`."""
+    enc, dec = (quantize_legacy, dequantize_legacy) if legacy else (quantize, dequantize)
+    return dec(enc(x.reshape(-1), wtype), wtype, x.size).reshape(x.shape)
 
 
 def _layer_norm(x: np.ndarray) -> np.ndarray:
@@ -153,7 +154,12 @@ def _layer_norm(x: np.ndarray) -> np.ndarray:
 
 
 def _successor_weights(
-    config: GPTJConfig, rng: np.random.Generator, successor: list[int], wtype: int, min_margin: float = 2.0
+    config: GPTJConfig,
+    rng: np.random.Generator,
+    successor: list[int],
+    wtype: int,
+    legacy: bool = False,
+    min_margin: float = 2.0,
 ) -> dict[str, np.ndarray]:
     """Weights whose greedy next token after t is successor[t], whatever the context.
 
@@ -183,8 +189,8 @@ def _successor_weights(
             key = f"transformer.h.{i}.{suffix}"
             weights[key] = np.zeros_like(weights[key])
     # Check the margin with the stored (dequantized) weights, a block of rows at a time.
-    hidden = _layer_norm(_roundtrip(weights["transformer.wte.weight"], wtype).astype(np.float64))
-    head = _roundtrip(weights["lm_head.weight"], wtype).astype(np.float64)
+    hidden = _layer_norm(_roundtrip(weights["transformer.wte.weight"], wtype, legacy).astype(np.float64))
+    head = _roundtrip(weights["lm_head.weight"], wtype, legacy).astype(np.float64)
     margin = np.inf
     for start in range(0, v, 256):
         logits = hidden[start : start + 256] @ head.T
@@ -236,7 +242,7 @@ def write_model(
         weights = _random_weights(config, rng)
     elif kind == "successor":
         succ = _default_successor(vocab) if successor is None else list(successor)
-        weights = _successor_weights(config, rng, succ, wtype)
+        weights = _successor_weights(config, rng, succ, wtype, legacy)
     else:
         raise ValueError(f"unknown kind {kind!r}; expected 'random' or 'successor'")
 

@@ -71,16 +71,30 @@ texts = st.text(alphabet=st.sampled_from(list("ab#é日😀 \n")), max_size=40)
 @settings(max_examples=300, deadline=None)
 @given(text=texts, cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=20),
        stops=st.lists(st.text(alphabet=st.sampled_from(list("ab#é")), min_size=1, max_size=4), max_size=4))
-def test_any_byte_split_gives_the_same_text_as_the_whole(text, cuts, stops):
-    """Joined deltas equal: the text cut at the first stop sequence; no delta holds a partial char."""
+def test_any_byte_split_stops_where_a_stop_first_completes(text, cuts, stops):
+    """Joined deltas equal the reference: generation stops at the first token boundary where a stop
+    sequence is complete, cut at the earliest start among the complete ones; no delta holds a
+    partial character, no stop sequence leaks."""
     data = text.encode()
     points = sorted({c % (len(data) + 1) for c in cuts})
     pieces = [data[i:j] for i, j in zip([0, *points], [*points, len(data)])]
     joined, deltas, stopped = run(pieces, stops)
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    expected = text[: min(hits)] if hits else text
+    expected, expect_stop = text, False
+    end = 0
+    for piece in pieces:
+        end += len(piece)
+        prefix = data[:end].decode("utf-8", errors="ignore")  # an incomplete tail is still held
+        hits = [i for i in (prefix.find(s) for s in stops) if i >= 0]
+        if hits:
+            expected, expect_stop = prefix[: min(hits)], True
+            break
     assert joined == expected
-    assert stopped == bool(hits)
+    assert stopped == expect_stop
     assert all("\ufffd" not in d for d in deltas)
     for s in stops:
         assert s not in joined
+
+
+def test_whole_text_in_one_piece_cuts_at_the_earliest_stop():
+    assert run([b"a#a"], ["#", "a#a"])[0] == ""
+    assert run([b"a#", b"a"], ["#", "a#a"])[0] == "a"  # "#" completed first: generation stops there
