@@ -142,8 +142,7 @@ class Engine:
             yield Failed(job.job_id, ErrorKind.INVALID_REQUEST, str(exc))
             return
         cached = self.prefill(prompt)
-        echo = self.detokenize(prompt) if job.echo_prompt else None
-        yield Started(job.job_id, len(prompt), echo, cached)
+        yield Started(job.job_id, len(prompt), cached)
         yield from self._decode(job, budget, should_stop)
 
     def _budget(self, job: GenerationJob, prompt: list[int]) -> int:

@@ -11,8 +11,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from backends.ggml.reader import ModelFileError, ModelInfo, inspect_model
+from backends.ggml.reader import ModelFileError, ModelInfo, inspect_model, read_vocab
 from backends.templates import BUILTIN_TEMPLATES, PromptTemplate
+from backends.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class ServedModel:
     path: Path
     info: ModelInfo
     template: PromptTemplate
+    tokenizer: Tokenizer
 
     @property
     def context_length(self) -> int:
@@ -198,7 +200,8 @@ def resolve(path: Path, create_missing: bool = True) -> Registry:
         if isinstance(reason, str):
             skipped[spec.id] = reason  # logged at startup by the app
             continue
-        served.append(ServedModel(spec, file, reason, template_for(parsed, spec.prompt_template)))
+        served.append(ServedModel(spec, file, reason, template_for(parsed, spec.prompt_template),
+                                  Tokenizer(read_vocab(file))))
     _warn_oversubscribed(served)
     return Registry(path, list(parsed.models), served, skipped)
 

@@ -51,7 +51,6 @@ class GenerationJob:
     max_tokens: int | None  # None: up to the context length
     sampling: SamplingParams
     logprobs: int | None = None  # number of top alternatives per token; None = off
-    echo_prompt: bool = False  # send the prompt's bytes back in Started
 
 
 @dataclass(frozen=True)
@@ -60,8 +59,7 @@ class Started:
 
     job_id: int
     prompt_tokens: int
-    prompt_bytes: bytes | None = None
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the worker's previous sequence
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from server.settings import Settings
 class Plan:
     """Everything the service needs to run a request, in engine terms."""
 
-    prompts: list[str | list[int]]
+    prompts: list[list[int]]  # token ids, counted and checked against the context already
     n: int
     max_tokens: int | None
     sampling: SamplingParams
@@ -28,6 +28,7 @@ class Plan:
     stream: bool
     include_usage: bool
     prompt_param: str = "prompt"  # the request field an over-long prompt is blamed on
+    echo_texts: tuple[str, ...] = ()  # per prompt, when echo was asked for
 
     def seed_for(self, choice: int) -> SamplingParams:
         """Sampling parameters of one choice: the request seed offset by the choice index."""
@@ -112,11 +113,43 @@ def completion_plan(req: CompletionRequest, model: ServedModel, settings: Settin
         raise unsupported("best_of", "only best_of equal to n (or 1) is supported")
     if req.echo and req.logprobs is not None:
         raise unsupported("logprobs", "prompt log-probabilities (echo with logprobs) are not computed")
-    prompts = _prompts(req.prompt, model, settings)
+    items = _prompts(req.prompt, model, settings)
     stream, include_usage = _stream_flags(req)
     max_tokens = _max_tokens(16 if req.max_tokens is None else req.max_tokens, model, "max_tokens")
+    prompts = [tokenize(item, model) for item in items]
+    check_context(prompts, max_tokens, model, "prompt")
+    echo = tuple(_echo(item, ids, model) for item, ids in zip(items, prompts)) if req.echo else ()
     return Plan(prompts, n, max_tokens, to_sampling(req, model), _stops(req, model), req.logprobs,
-                bool(req.echo), stream, include_usage)
+                bool(req.echo), stream, include_usage, echo_texts=echo)
+
+
+def tokenize(item: str | list[int], model: ServedModel) -> list[int]:
+    """Token ids of a prompt with the model's own tokenizer."""
+    if isinstance(item, list):
+        return item
+    ids = model.tokenizer.encode(item)
+    if not ids:
+        raise bad_request("The prompt is empty after tokenization.", "prompt")
+    return ids
+
+
+def _echo(item: str | list[int], ids: list[int], model: ServedModel) -> str:
+    if isinstance(item, str):
+        return item
+    return model.tokenizer.decode(ids).decode("utf-8", errors="replace")
+
+
+def check_context(prompts: list[list[int]], max_tokens: int | None, model: ServedModel, param: str) -> None:
+    """400 context_length_exceeded unless every prompt plus max_tokens fits the context."""
+    limit = model.context_length
+    longest = max(len(p) for p in prompts)
+    want = max_tokens if max_tokens is not None else 1
+    if longest + want > limit:
+        asked = f"{longest + want} tokens ({longest} in the prompt, {want} for the completion)" \
+            if max_tokens is not None else f"{longest} tokens in the prompt, leaving no room for a reply"
+        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you "
+                            f"requested {asked}. Please reduce the length of the prompt or the completion.",
+                       param=param, code="context_length_exceeded")
 
 
 def _prompts(prompt: Any, model: ServedModel, settings: Settings) -> list[str | list[int]]:
@@ -173,13 +206,16 @@ def chat_plan(req: ChatCompletionRequest, model: ServedModel, settings: Settings
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
     messages = [_message(i, m) for i, m in enumerate(req.messages)]
-    prompt = model.template.render(messages, model.spec.system_prompt)
+    prompt = tokenize(model.template.render(messages, model.spec.system_prompt), model)
     n = _n(req, settings)
     stream, include_usage = _stream_flags(req)
     value, param = (req.max_completion_tokens, "max_completion_tokens")
     if value is None:
         value, param = req.max_tokens, "max_tokens"
     max_tokens = _max_tokens(value if value is not None else model.spec.sampling.max_tokens, model, param)
+    check_context([prompt], max_tokens if value is not None else None, model, "messages")
+    if value is None and max_tokens is not None:  # the registry default shrinks to what fits
+        max_tokens = min(max_tokens, model.context_length - len(prompt))
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     return Plan([prompt], n, max_tokens, to_sampling(req, model), _stops(req, model), logprobs,
                 False, stream, include_usage, prompt_param="messages")

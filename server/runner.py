@@ -1,4 +1,4 @@
-"""Runs one request's jobs on the pool: submit, wait for their start, merge events, cancel."""
+"""Runs one request's jobs on the pool: submit, merge their events, cancel."""
 
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ class Run:
         self.sink: asyncio.Queue = asyncio.Queue()
         self.handles: list[JobHandle] = []
         self.started: dict[int, Started] = {}
-        self._early: list[tuple[int, object]] = []
         self._open: set[int] = set()
 
     def submit(self) -> None:
@@ -44,7 +43,6 @@ class Run:
                     job = GenerationJob(
                         job_id=self.pool.new_job_id(), prompt=prompt, max_tokens=plan.max_tokens,
                         sampling=plan.seed_for(index), logprobs=plan.logprobs,
-                        echo_prompt=plan.echo and not isinstance(prompt, str),
                     )
                     self.handles.append(self.pool.submit(job, self.sink, index))
                     self._open.add(index)
@@ -58,35 +56,23 @@ class Run:
             raise APIError(503, str(exc), type="server_error", code="model_unavailable",
                            headers={"Retry-After": str(self.retry_after)}) from None
 
-    async def wait_started(self) -> None:
-        """Wait until every job has evaluated its prompt; a failure becomes an HTTP error."""
-        while len(self.started) < len(self.handles):
+    async def events(self) -> AsyncIterator[tuple[int, object]]:
+        """(choice index, event) for every job, until all have finished or failed."""
+        while self._open:
             index, event = await self.sink.get()
             if isinstance(event, Started):
                 self.started[index] = event
-            elif isinstance(event, Failed):
-                self.cancel()
-                raise failure_to_error(event, self.plan.prompt_param)
-            elif isinstance(event, Finished) and index not in self.started:
-                self._open.discard(index)  # cancelled while still queued: the client went away
-                raise APIError(499, "The client closed the request.", code="client_closed_request")
-            else:
-                self._early.append((index, event))
-
-    async def events(self) -> AsyncIterator[tuple[int, object]]:
-        """Every event after the starts, until all jobs have finished or failed."""
-        for item in self._early:
-            yield item
-            self._track(item[1], item[0])
-        self._early.clear()
-        while self._open:
-            index, event = await self.sink.get()
             self._track(event, index)
             yield index, event
 
     def _track(self, event: object, index: int) -> None:
         if isinstance(event, (Finished, Failed)):
             self._open.discard(index)
+
+    def fail(self, event: Failed) -> APIError:
+        """The HTTP error for a job's failure (cancelling the request's other jobs)."""
+        self.cancel()
+        return failure_to_error(event, self.plan.prompt_param)
 
     def cancel(self, index: int | None = None) -> None:
         """Cancel one job (by choice index) or all of them."""

@@ -16,7 +16,7 @@ from server.errors import APIError, model_not_found
 from server.params import Plan, chat_plan, completion_plan
 from server.protocol import ChatCompletionRequest, CompletionRequest, Delta, ModelCard, ModelList
 from server.render import Renderer, chat_logprobs, completion_logprobs, usage
-from server.runner import Run, failure_to_error
+from server.runner import Run
 from server.settings import Settings
 from server.streaming import ChoiceState, TextAssembler
 
@@ -77,12 +77,6 @@ class InferenceService:
         run = Run(pool, plan, self.settings.retry_after)
         run.submit()
         watcher = asyncio.create_task(_cancel_on_disconnect(disconnected, run))
-        try:
-            await run.wait_started()
-        except BaseException:
-            watcher.cancel()
-            run.cancel()
-            raise
         renderer = Renderer(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), model.spec.id,
                             plan.include_usage)
         states = self._states(plan, run)
@@ -100,8 +94,8 @@ class InferenceService:
         states = []
         for index in range(len(plan.prompts) * plan.n):
             state = ChoiceState(index, TextAssembler(plan.stops))
-            state.prompt_tokens = run.started[index].prompt_tokens
-            state.echo = _echo_text(run, plan, state)
+            state.prompt_tokens = len(plan.prompts[index // plan.n])
+            state.echo = plan.echo_texts[index // plan.n] if plan.echo else ""
             state.lp_offset = len(state.echo)
             states.append(state)
         return states
@@ -132,7 +126,7 @@ def _apply(run: Run, state: ChoiceState, event: object) -> str:
         state.finish_reason = "length" if event.reason == FinishReason.LENGTH else "stop"
         return tail
     if isinstance(event, Failed):
-        raise failure_to_error(event)
+        raise run.fail(event)
     return ""
 
 
@@ -145,15 +139,6 @@ async def _collect(run: Run, states: list[ChoiceState]) -> None:
 def _usage(plan: Plan, states: list[ChoiceState]):
     prompt = sum(s.prompt_tokens for s in states if s.index % plan.n == 0)
     return usage(prompt, sum(s.completion_tokens for s in states))
-
-
-def _echo_text(run: Run, plan: Plan, state: ChoiceState) -> str:
-    if not plan.echo:
-        return ""
-    prompt = plan.prompts[state.index // plan.n]
-    if isinstance(prompt, str):
-        return prompt
-    return (run.started[state.index].prompt_bytes or b"").decode("utf-8", errors="replace")
 
 
 def _completion_lp(plan: Plan, s: ChoiceState, records: list, always: bool = False):
