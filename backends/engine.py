@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -169,9 +170,14 @@ class Engine:
         counts: dict[int, int] = {}
         produced = 0
         reason = FinishReason.LENGTH
+        deadline = time.monotonic() + job.time_limit if job.time_limit else None
+        timed_out = False
         while produced < budget:
             if should_stop():
                 reason = FinishReason.CANCELLED
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                timed_out = True
                 break
             logits = self.logits()
             lp = top_logprobs(logits, job.logprobs) if job.logprobs is not None else None
@@ -187,7 +193,7 @@ class Engine:
             yield Tokens(job.job_id, [token], [self.pieces[token]], logprob)
             if produced < budget:
                 self._eval([token])
-        yield Finished(job.job_id, reason, produced)
+        yield Finished(job.job_id, reason, produced, timed_out)
 
     def _logprob_of(self, lp: tuple[np.ndarray, np.ndarray, np.ndarray], token: int) -> TokenLogprob:
         """Package a token's log-probability with the top alternatives."""

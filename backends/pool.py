@@ -8,100 +8,28 @@ import logging
 import multiprocessing as mp
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
-from backends.types import (
-    ErrorKind,
-    Event,
-    Failed,
-    Finished,
-    FinishReason,
-    GenerationJob,
-    ModelLimits,
-    SamplingParams,
-)
+from backends.jobs import JobHandle, ModelUnavailable, PoolModel, PoolPolicy, QueueFull, WorkerProc
+from backends.types import ErrorKind, Failed, Finished, FinishReason, GenerationJob
 from backends.worker import worker_main
 
 log = logging.getLogger(__name__)
 _SPAWN = mp.get_context("spawn")
 
 
-class QueueFull(Exception):
-    """The model's wait queue is full; the client should retry later."""
-
-
-class ModelUnavailable(Exception):
-    """The model has no live workers."""
-
-
-@dataclass(frozen=True)
-class PoolModel:
-    """What the pool needs to know to serve one model."""
-
-    name: str
-    path: str
-    workers: int = 1
-    threads: int = 1
-    batch_size: int = 8
-    max_queue: int = 64
-
-
-class JobHandle:
-    """A submitted job: an async stream of engine events, cancellable at any time."""
-
-    def __init__(self, job: GenerationJob, pool: "ModelPool", sink: asyncio.Queue | None = None,
-                 tag: int = 0) -> None:
-        self.job = job
-        self._pool = pool
-        self._events: asyncio.Queue = sink if sink is not None else asyncio.Queue()
-        self.tag = tag
-        self.worker: "WorkerProc | None" = None
-        self.done = False
-        self.cancel_sent = False
-
-    def deliver(self, event: Event) -> None:
-        """Called by the pool with each event for this job."""
-        if isinstance(event, (Finished, Failed)):
-            self.done = True
-        self._events.put_nowait((self.tag, event))
-
-    async def events(self):
-        """Yield events until the job finishes or fails (when no shared sink was given)."""
-        while True:
-            _tag, event = await self._events.get()
-            yield event
-            if isinstance(event, (Finished, Failed)):
-                return
-
-    def cancel(self) -> None:
-        """Stop the job: drop it from the queue or stop its worker between tokens."""
-        if not self.done:
-            self._pool.cancel(self)
-
-
-@dataclass
-class WorkerProc:
-    """Server-side record of one worker process."""
-
-    index: int
-    process: object
-    conn: object
-    limits: ModelLimits | None = None
-    job: JobHandle | None = None
-    ready: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    alive: bool = True
-
-
 class ModelPool:
     """The workers of one model and its bounded FIFO queue."""
 
-    def __init__(self, spec: PoolModel) -> None:
+    def __init__(self, spec: PoolModel, policy: PoolPolicy | None = None) -> None:
         self.spec = spec
+        self.policy = policy or PoolPolicy()
         self.workers: list[WorkerProc] = []
         self.pending: deque[JobHandle] = deque()
-        self.limits: ModelLimits | None = None
+        self.limits = None
         self.load_error: str | None = None
         self.restarts = 0
+        self.crashes: deque[float] = deque()  # times of recent worker deaths
+        self.unavailable_until = 0.0
         self._closing = False
         self._ids = itertools.count(1)
 
@@ -137,9 +65,7 @@ class ModelPool:
     async def stop(self, grace: float = 5.0) -> None:
         """Stop every worker: ask politely, then terminate, then kill; reap them all."""
         self._closing = True
-        for handle in list(self.pending):
-            handle.deliver(Failed(handle.job.job_id, ErrorKind.INTERNAL, "the server is shutting down"))
-        self.pending.clear()
+        self._fail_pending("the server is shutting down")
         for w in self.workers:
             self._send(w, ("exit", None))
         deadline = time.monotonic() + grace
@@ -183,23 +109,51 @@ class ModelPool:
             self._dispatch()
 
     def _exited(self, worker: WorkerProc) -> None:
-        """A worker process ended: fail its job, replace it unless we are closing."""
+        """A worker process ended: fail its job, then replace it (with backoff) unless closing."""
         self._unwatch(worker)
         worker.alive = False
         code = worker.process.exitcode
+        worker.process.join(0)  # reap it: no zombie
         _resolve(worker.ready, f"the worker exited with code {code} while loading")
         if worker.job is not None:
             worker.job.deliver(Failed(worker.job.job.job_id, ErrorKind.INTERNAL,
                                       f"the worker serving this request died (exit code {code})"))
             worker.job = None
-        if self._closing or worker.limits is None:
+        if self._closing:
             return
-        log.warning("worker %s of %s died (exit code %s); starting a replacement",
-                    worker.index, self.spec.name, code)
+        delay = self._note_crash()
+        log.warning("worker %s of %s died (exit code %s); replacing it in %.2fs",
+                    worker.index, self.spec.name, code, delay)
+        asyncio.get_running_loop().call_later(delay, self._replace, worker)
+
+    def _note_crash(self) -> float:
+        """Record a crash; returns the restart delay. Too many crashes make the model unavailable."""
+        now = time.monotonic()
+        self.crashes.append(now)
+        while self.crashes and self.crashes[0] < now - self.policy.restart_window:
+            self.crashes.popleft()
+        if len(self.crashes) >= self.policy.restart_limit:
+            self.unavailable_until = now + self.policy.restart_cooldown
+            self.crashes.clear()
+            log.error("model %s crashed %d times in %.0fs: unavailable for %.0fs", self.spec.name,
+                      self.policy.restart_limit, self.policy.restart_window, self.policy.restart_cooldown)
+            self._fail_pending("the model is unavailable after repeated worker crashes")
+            return self.policy.restart_cooldown
+        return min(0.1 * 2 ** (len(self.crashes) - 1), 5.0)
+
+    def _replace(self, worker: WorkerProc) -> None:
+        """Start a new process in a dead worker's slot."""
+        if self._closing or worker not in self.workers:
+            return
         self.restarts += 1
         replacement = self._spawn(worker.index)
         self.workers[self.workers.index(worker)] = replacement
         replacement.ready.add_done_callback(lambda _f: self._dispatch())
+
+    def _fail_pending(self, message: str) -> None:
+        for handle in list(self.pending):
+            self._unqueue(handle)
+            handle.deliver(Failed(handle.job.job_id, ErrorKind.UNAVAILABLE, message))
 
     def _unwatch_conn(self, worker: WorkerProc) -> None:
         loop = asyncio.get_running_loop()
@@ -224,14 +178,36 @@ class ModelPool:
 
     def submit(self, job: GenerationJob, sink: asyncio.Queue | None = None, tag: int = 0) -> JobHandle:
         """Queue a job (FIFO) and start it when a worker is idle; events go to sink as (tag, event)."""
-        if self._closing or not any(w.alive for w in self.workers):
-            raise ModelUnavailable(f"model {self.spec.name} has no running workers")
+        if not self.available:
+            raise ModelUnavailable(f"model {self.spec.name} is unavailable (its workers keep crashing "
+                                   "or the server is shutting down)")
         if len(self.pending) >= self.spec.max_queue and self._idle() is None:
             raise QueueFull(f"the queue of model {self.spec.name} is full")
         handle = JobHandle(job, self, sink, tag)
         self.pending.append(handle)
+        if self.policy.queue_timeout > 0:
+            loop = asyncio.get_running_loop()
+            handle.timer = loop.call_later(self.policy.queue_timeout, self._expire, handle)
         self._dispatch()
         return handle
+
+    def _expire(self, handle: JobHandle) -> None:
+        """A job waited too long in the queue."""
+        if handle in self.pending:
+            self._unqueue(handle)
+            handle.deliver(Failed(handle.job.job_id, ErrorKind.QUEUE_TIMEOUT,
+                                  f"the request waited {self.policy.queue_timeout:g}s for a worker of "
+                                  f"model {self.spec.name}"))
+
+    def _unqueue(self, handle: JobHandle) -> None:
+        self.pending.remove(handle)
+        if handle.timer is not None:
+            handle.timer.cancel()
+
+    @property
+    def available(self) -> bool:
+        """Whether the model takes requests (not closing, not in a crash cooldown)."""
+        return not self._closing and time.monotonic() >= self.unavailable_until
 
     def _idle(self) -> WorkerProc | None:
         for w in self.workers:
@@ -246,6 +222,9 @@ class ModelPool:
             if worker is None:
                 return
             handle = self.pending.popleft()
+            if handle.timer is not None:
+                handle.timer.cancel()
+            handle.dispatched_at = time.monotonic()
             worker.job = handle
             handle.worker = worker
             self._send(worker, ("job", handle.job))
@@ -253,7 +232,7 @@ class ModelPool:
     def cancel(self, handle: JobHandle) -> None:
         """Drop a queued job, or ask its worker to stop between tokens."""
         if handle in self.pending:
-            self.pending.remove(handle)
+            self._unqueue(handle)
             handle.deliver(Finished(handle.job.job_id, FinishReason.CANCELLED, 0))
             return
         worker = handle.worker
@@ -287,15 +266,17 @@ def _resolve(fut: asyncio.Future, value) -> None:
 class WorkerPool:
     """All served models, each with its own workers and queue."""
 
-    def __init__(self, specs: list[PoolModel], load_timeout: float = 120.0) -> None:
+    def __init__(self, specs: list[PoolModel], load_timeout: float = 120.0,
+                 policy: PoolPolicy | None = None) -> None:
         self.specs = specs
         self.load_timeout = load_timeout
+        self.policy = policy or PoolPolicy()
         self.models: dict[str, ModelPool] = {}
         self.failed: dict[str, str] = {}
 
     async def start(self) -> None:
         """Start every model's workers concurrently; remember the ones that failed to load."""
-        pools = [ModelPool(spec) for spec in self.specs]
+        pools = [ModelPool(spec, self.policy) for spec in self.specs]
         results = await asyncio.gather(
             *(p.start(self.load_timeout) for p in pools), return_exceptions=True
         )
@@ -317,7 +298,4 @@ class WorkerPool:
         return self.models.get(name)
 
 
-__all__ = [
-    "JobHandle", "ModelPool", "ModelUnavailable", "PoolModel", "QueueFull", "SamplingParams",
-    "WorkerPool",
-]
+__all__ = ["JobHandle", "ModelPool", "ModelUnavailable", "PoolModel", "PoolPolicy", "QueueFull", "WorkerPool"]

@@ -19,6 +19,8 @@ class ErrorKind(str, Enum):
 
     CONTEXT_LENGTH = "context_length_exceeded"
     INVALID_REQUEST = "invalid_request"
+    QUEUE_TIMEOUT = "queue_timeout"
+    UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
 
 
@@ -51,6 +53,7 @@ class GenerationJob:
     max_tokens: int | None  # None: up to the context length
     sampling: SamplingParams
     logprobs: int | None = None  # number of top alternatives per token; None = off
+    time_limit: float | None = None  # seconds of generation; then it ends as LENGTH
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class Finished:
     job_id: int
     reason: FinishReason
     completion_tokens: int
+    timed_out: bool = False  # ended by the time limit (reason is LENGTH)
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,13 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
-from backends.pool import PoolModel, WorkerPool
+from backends.pool import PoolModel, PoolPolicy, WorkerPool
 from backends.registry import Registry, resolve
 from server.errors import install_error_handlers
+from server.metrics import Metrics
+from server.middleware import RequestContext
 from server.routes import health, openai
 from server.service import InferenceService
 from server.settings import Settings
@@ -29,17 +32,26 @@ def pool_models(registry: Registry, settings: Settings) -> list[PoolModel]:
     ]
 
 
+def pool_policy(settings: Settings) -> PoolPolicy:
+    """Queue and crash limits from the settings."""
+    return PoolPolicy(queue_timeout=settings.queue_timeout, restart_limit=settings.restart_limit,
+                      restart_window=settings.restart_window, restart_cooldown=settings.restart_cooldown)
+
+
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
     """Build the FastAPI app; the registry is loaded now (so errors surface before serving)."""
     settings = settings or Settings()
     registry = registry or resolve(settings.registry, create_missing=settings.create_demo)
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        pool = WorkerPool(pool_models(registry, settings), load_timeout=settings.load_timeout)
+        pool = WorkerPool(pool_models(registry, settings), load_timeout=settings.load_timeout,
+                          policy=pool_policy(settings))
         await pool.start()
+        metrics.watch_pool(pool)
         app.state.pool = pool
-        app.state.service = InferenceService(registry, pool, settings)
+        app.state.service = InferenceService(registry, pool, settings, metrics)
         _log_startup(registry, pool)
         try:
             yield
@@ -50,10 +62,26 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                   description="OpenAI-compatible server for GPT4All-J and other GGML GPT-J models.")
     app.state.settings = settings
     app.state.registry = registry
+    app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(health.router)
+    _add_middleware(app, settings, metrics)
     return app
+
+
+def _add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    """CORS (only with an allowlist) inside the request context (id, auth, body cap, access log)."""
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Request-ID"])
+    open_paths = set()
+    if not settings.auth_health:
+        open_paths |= {"/health", "/ready"}
+    if not settings.auth_metrics:
+        open_paths.add("/metrics")
+    app.add_middleware(RequestContext, keys=settings.all_api_keys(), open_paths=open_paths,
+                       max_body=settings.max_body_bytes, metrics=metrics, log_requests=settings.access_log)
 
 
 def _log_startup(registry: Registry, pool: WorkerPool) -> None:

@@ -118,5 +118,7 @@ def _serve(settings: Settings) -> int:
     except RegistryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                access_log=False,  # our own access log line carries the request id, model and tokens
+                timeout_graceful_shutdown=settings.shutdown_grace + 1)
     return 0

@@ -70,16 +70,25 @@ def _validation_message(err: dict) -> tuple[str, str | None, str]:
     return f"Invalid value for '{param}': {msg}." if param else f"Invalid request: {msg}.", param, "invalid_value"
 
 
-async def _api_error(_req: Request, exc: APIError) -> JSONResponse:
+def _count(req: Request, reason: str | None) -> None:
+    metrics = getattr(req.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.rejected.labels(reason=reason or "invalid_request").inc()
+
+
+async def _api_error(req: Request, exc: APIError) -> JSONResponse:
+    if exc.status < 500 or exc.status == 503:
+        _count(req, exc.code)
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
-async def _validation_error(_req: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation_error(req: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {"type": "invalid", "loc": ("body",), "msg": "invalid request"}
     message, param, code = _validation_message(first)
     if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
         message, code = "The request body is empty; a JSON object is required.", "missing_body"
+    _count(req, "invalid_request")
     return JSONResponse(error_body(message, "invalid_request_error", param, code), status_code=400)
 
 

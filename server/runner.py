@@ -11,8 +11,12 @@ from server.errors import APIError
 from server.params import Plan
 
 
-def failure_to_error(event: Failed, param: str = "prompt") -> APIError:
+def failure_to_error(event: Failed, param: str = "prompt", retry_after: int = 1) -> APIError:
     """Map an engine failure to the HTTP error the client sees."""
+    if event.kind in (ErrorKind.QUEUE_TIMEOUT, ErrorKind.UNAVAILABLE):
+        code = "queue_timeout" if event.kind == ErrorKind.QUEUE_TIMEOUT else "model_unavailable"
+        return APIError(503, f"The server is overloaded: {event.message}. Retry shortly.",
+                        type="server_error", code=code, headers={"Retry-After": str(retry_after)})
     if event.kind == ErrorKind.CONTEXT_LENGTH:
         return APIError(400, event.message, param=param, code="context_length_exceeded")
     if event.kind == ErrorKind.INVALID_REQUEST:
@@ -24,13 +28,15 @@ def failure_to_error(event: Failed, param: str = "prompt") -> APIError:
 class Run:
     """The n × prompts jobs of one request, as one merged stream of (choice index, event)."""
 
-    def __init__(self, pool: ModelPool, plan: Plan, retry_after: int) -> None:
+    def __init__(self, pool: ModelPool, plan: Plan, retry_after: int, time_limit: float | None = None) -> None:
         self.pool = pool
         self.plan = plan
         self.retry_after = retry_after
+        self.time_limit = time_limit
         self.sink: asyncio.Queue = asyncio.Queue()
         self.handles: list[JobHandle] = []
         self.started: dict[int, Started] = {}
+        self._early: list[tuple[int, object]] = []  # events seen by wait_first, replayed by events
         self._open: set[int] = set()
 
     def submit(self) -> None:
@@ -43,6 +49,7 @@ class Run:
                     job = GenerationJob(
                         job_id=self.pool.new_job_id(), prompt=prompt, max_tokens=plan.max_tokens,
                         sampling=plan.seed_for(index), logprobs=plan.logprobs,
+                        time_limit=self.time_limit,
                     )
                     self.handles.append(self.pool.submit(job, self.sink, index))
                     self._open.add(index)
@@ -53,11 +60,27 @@ class Run:
                            headers={"Retry-After": str(self.retry_after)}) from None
         except ModelUnavailable as exc:
             self.cancel()
-            raise APIError(503, str(exc), type="server_error", code="model_unavailable",
+            raise APIError(503, f"{exc}. Retry later.", type="server_error", code="model_unavailable",
                            headers={"Retry-After": str(self.retry_after)}) from None
+
+    async def wait_first(self) -> None:
+        """Wait until a job has started (so a stream can begin) or the first one failed (an HTTP error)."""
+        while not self.started:
+            index, event = await self.sink.get()
+            self._early.append((index, event))
+            if isinstance(event, Started):
+                self.started[index] = event
+            elif isinstance(event, Failed):
+                raise self.fail(event)
+            elif isinstance(event, Finished):  # cancelled while queued: the client went away
+                raise APIError(499, "The client closed the request.", code="client_closed_request")
 
     async def events(self) -> AsyncIterator[tuple[int, object]]:
         """(choice index, event) for every job, until all have finished or failed."""
+        early, self._early = self._early, []
+        for index, event in early:
+            self._track(event, index)
+            yield index, event
         while self._open:
             index, event = await self.sink.get()
             if isinstance(event, Started):
@@ -72,7 +95,7 @@ class Run:
     def fail(self, event: Failed) -> APIError:
         """The HTTP error for a job's failure (cancelling the request's other jobs)."""
         self.cancel()
-        return failure_to_error(event, self.plan.prompt_param)
+        return failure_to_error(event, self.plan.prompt_param, self.retry_after)
 
     def cancel(self, index: int | None = None) -> None:
         """Cancel one job (by choice index) or all of them."""

@@ -13,6 +13,9 @@ from backends.pool import WorkerPool
 from backends.registry import Registry, ServedModel
 from backends.types import Failed, Finished, FinishReason, Tokens
 from server.errors import APIError, model_not_found
+from server.metrics import Metrics
+from server.middleware import RequestRecord
+from server.tracking import Tracker
 from server.params import Plan, chat_plan, completion_plan
 from server.protocol import ChatCompletionRequest, CompletionRequest, Delta, ModelCard, ModelList
 from server.render import Renderer, chat_logprobs, completion_logprobs, usage
@@ -26,17 +29,19 @@ log = logging.getLogger(__name__)
 class InferenceService:
     """What the routes call: one method per endpoint."""
 
-    def __init__(self, registry: Registry, pool: WorkerPool, settings: Settings) -> None:
+    def __init__(self, registry: Registry, pool: WorkerPool, settings: Settings, metrics: Metrics) -> None:
         self.registry = registry
         self.pool = pool
         self.settings = settings
+        self.metrics = metrics
         self.started_at = int(time.time())
         self._names = registry.names()
 
     # ---- models ----
     def served(self) -> list[ServedModel]:
-        """Models with live workers."""
-        return [m for m in self.registry.served if self.pool.get(m.spec.id) is not None]
+        """Models whose workers are loaded and that are not in a crash cooldown."""
+        return [m for m in self.registry.served
+                if (p := self.pool.get(m.spec.id)) is not None and p.available]
 
     def resolve(self, name: str) -> ServedModel:
         """A served model by id or alias, else 404 model_not_found (never a silent default)."""
@@ -57,37 +62,48 @@ class InferenceService:
         return ModelCard(id=m.spec.id, created=self.started_at, owned_by=m.spec.owned_by)
 
     # ---- generation ----
-    async def completions(self, req: CompletionRequest, disconnected: Callable) -> dict | AsyncIterator[dict]:
+    async def completions(self, req: CompletionRequest, disconnected: Callable,
+                          record: RequestRecord) -> dict | AsyncIterator[str]:
         """POST /v1/completions."""
         model = self.resolve(req.model)
+        record.model = model.spec.id
         plan = completion_plan(req, model, self.settings)
-        return await self._execute(model, plan, "cmpl", disconnected, chat=False)
+        return await self._execute(model, plan, "cmpl", disconnected, record, chat=False)
 
-    async def chat(self, req: ChatCompletionRequest, disconnected: Callable) -> dict | AsyncIterator[dict]:
+    async def chat(self, req: ChatCompletionRequest, disconnected: Callable,
+                   record: RequestRecord) -> dict | AsyncIterator[str]:
         """POST /v1/chat/completions."""
         model = self.resolve(req.model)
+        record.model = model.spec.id
         plan = chat_plan(req, model, self.settings)
-        return await self._execute(model, plan, "chatcmpl", disconnected, chat=True)
+        return await self._execute(model, plan, "chatcmpl", disconnected, record, chat=True)
 
     async def _execute(self, model: ServedModel, plan: Plan, prefix: str, disconnected: Callable,
-                       chat: bool) -> dict | AsyncIterator[dict]:
+                       record: RequestRecord, chat: bool) -> dict | AsyncIterator[str]:
         pool = self.pool.get(model.spec.id)
         if pool is None:
             raise model_not_found(model.spec.id)
-        run = Run(pool, plan, self.settings.retry_after)
+        run = Run(pool, plan, self.settings.retry_after, self.settings.request_timeout or None)
         run.submit()
         watcher = asyncio.create_task(_cancel_on_disconnect(disconnected, run))
         renderer = Renderer(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), model.spec.id,
                             plan.include_usage)
         states = self._states(plan, run)
+        tracker = Tracker(self.metrics, model.spec.id, record, run, states)
         if plan.stream:
+            try:
+                await run.wait_first()  # queue timeouts and early failures are still HTTP errors
+            except BaseException:
+                watcher.cancel()
+                raise
             body = _ChatStream if chat else _CompletionStream
-            return body(run, plan, renderer, states, watcher).events()
+            return body(run, plan, renderer, states, watcher, tracker).events()
         try:
-            await _collect(run, states)
+            await _collect(run, states, tracker)
         finally:
             watcher.cancel()
             run.cancel()
+            tracker.close()
         return _chat_body(renderer, plan, states) if chat else _completion_body(renderer, plan, states)
 
     def _states(self, plan: Plan, run: Run) -> list[ChoiceState]:
@@ -130,9 +146,10 @@ def _apply(run: Run, state: ChoiceState, event: object) -> str:
     return ""
 
 
-async def _collect(run: Run, states: list[ChoiceState]) -> None:
+async def _collect(run: Run, states: list[ChoiceState], tracker: "Tracker") -> None:
     """Consume every event of a non-streamed request."""
     async for index, event in run.events():
+        tracker.see(index, event)
         _apply(run, states[index], event)
 
 
@@ -172,8 +189,10 @@ def _chat_body(r: Renderer, plan: Plan, states: list[ChoiceState]) -> dict:
 class _Stream:
     """Common streaming loop: events → chunks, errors as an in-stream event, then [DONE]."""
 
-    def __init__(self, run: Run, plan: Plan, r: Renderer, states: list[ChoiceState], watcher) -> None:
+    def __init__(self, run: Run, plan: Plan, r: Renderer, states: list[ChoiceState], watcher,
+                 tracker: "Tracker") -> None:
         self.run, self.plan, self.r, self.states, self.watcher = run, plan, r, states, watcher
+        self.tracker = tracker
 
     async def events(self) -> AsyncIterator[str]:
         """The SSE data payloads, ending with [DONE]."""
@@ -181,6 +200,7 @@ class _Stream:
             for chunk in self.opening():
                 yield json.dumps(chunk)
             async for index, event in self.run.events():
+                self.tracker.see(index, event)
                 state = self.states[index]
                 was_open = state.finish_reason is None
                 text = _apply(self.run, state, event)
@@ -194,6 +214,7 @@ class _Stream:
         finally:
             self.watcher.cancel()
             self.run.cancel()
+            self.tracker.close()
         yield "[DONE]"
 
     def opening(self) -> list[dict]:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 router = APIRouter()
 
@@ -24,13 +25,23 @@ async def ready(request: Request) -> JSONResponse:
         p = pool.get(m.spec.id)
         if p is None and m.spec.id not in missing:
             missing[m.spec.id] = "not loaded"
+        elif p is not None and not p.available:
+            missing[m.spec.id] = "unavailable after repeated worker crashes"
         elif p is not None and p.alive == 0:
             missing[m.spec.id] = "no live workers"
     models = {
-        name: {"alive": p.alive, "busy": p.busy, "queued": len(p.pending), "restarts": p.restarts,
+        name: {"available": p.available, "alive": p.alive, "busy": p.busy, "queued": len(p.pending),
+               "restarts": p.restarts,
                "worker_pids": [w.process.pid for w in p.workers if w.alive]}
         for name, p in pool.models.items()
     }
     body = {"status": "ready" if not missing else "not_ready", "models": models, "missing": missing,
             "skipped": service.registry.skipped}
     return JSONResponse(body, status_code=200 if not missing else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics."""
+    registry = request.app.state.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

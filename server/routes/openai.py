@@ -28,10 +28,11 @@ def _disconnect_waiter(request: Request):
     return wait
 
 
-def _respond(result) -> JSONResponse | EventSourceResponse:
+def _respond(result, request: Request) -> JSONResponse | EventSourceResponse:
     if isinstance(result, dict):
         return JSONResponse(result)
-    return EventSourceResponse(_sse(result), ping=15, send_timeout=30)
+    grace = request.app.state.settings.shutdown_grace  # streams get to finish on SIGTERM, up to this
+    return EventSourceResponse(_sse(result), ping=15, send_timeout=30, shutdown_grace_period=grace)
 
 
 async def _sse(payloads):
@@ -42,13 +43,15 @@ async def _sse(payloads):
 @router.post("/completions")
 async def create_completion(body: CompletionRequest, request: Request):
     """Create a text completion."""
-    return _respond(await _service(request).completions(body, _disconnect_waiter(request)))
+    service = _service(request)
+    return _respond(await service.completions(body, _disconnect_waiter(request), request.state.record), request)
 
 
 @router.post("/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     """Create a chat completion."""
-    return _respond(await _service(request).chat(body, _disconnect_waiter(request)))
+    service = _service(request)
+    return _respond(await service.chat(body, _disconnect_waiter(request), request.state.record), request)
 
 
 @router.get("/models")
