@@ -39,10 +39,6 @@ def route_label(path: str) -> str:
     return "other"
 
 
-class BodyTooLarge(Exception):
-    """The request body is over the configured cap."""
-
-
 class RequestContext:
     """Wraps every HTTP request: id, key check, body cap, then access log and metrics."""
 
@@ -63,12 +59,9 @@ class RequestContext:
         given = headers.get("x-request-id", "")
         record = RequestRecord(given if _REQUEST_ID.match(given) else uuid.uuid4().hex)
         scope.setdefault("state", {})["record"] = record
-        started = False
 
         async def send_wrapper(message) -> None:
-            nonlocal started
             if message["type"] == "http.response.start":
-                started = True
                 record.status = message["status"]
                 message["headers"] = [*message.get("headers", []),
                                       (b"x-request-id", record.request_id.encode())]
@@ -76,14 +69,15 @@ class RequestContext:
 
         try:
             problem = self._refuse(scope, headers)
+            if problem is None:
+                replay = await self._read_body(receive)
+                if replay is None:
+                    problem = (413, f"The request body is larger than {self.max_body} bytes.",
+                               "request_too_large")
             if problem is not None:
                 await self._error(send_wrapper, *problem)
             else:
-                await self.app(scope, self._capped(receive, headers), send_wrapper)
-        except BodyTooLarge:
-            if not started:
-                await self._error(send_wrapper, 413, f"The request body is larger than {self.max_body} bytes.",
-                                  "request_too_large")
+                await self.app(scope, replay, send_wrapper)
         finally:
             self._finish(scope, record)
 
@@ -103,20 +97,27 @@ class RequestContext:
             return 413, f"The request body is larger than {self.max_body} bytes.", "request_too_large"
         return None
 
-    def _capped(self, receive, headers):
-        """A receive that raises BodyTooLarge once more than max_body bytes arrived."""
-        limit, seen = self.max_body, 0
-
-        async def wrapped():
-            nonlocal seen
+    async def _read_body(self, receive):
+        """Read the whole body (at most max_body bytes); a receive that replays it, or None if too big."""
+        chunks, size, more = [], 0, True
+        first = None
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise BodyTooLarge()
-            return message
+            if message["type"] != "http.request":
+                first = message  # the client went away: let the app see it
+                break
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_body:
+                return None
+            chunks.append(body)
+            more = message.get("more_body", False)
+        pending = [first or {"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
-        return wrapped
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        return replay
 
     async def _error(self, send, status: int, message: str, code: str) -> None:
         kind = "invalid_request_error"

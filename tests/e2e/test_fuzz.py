@@ -57,6 +57,7 @@ TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
 ALIASES = ["succ-alias"]  # from the e2e registry (tests/e2e/conftest.py)
 UNSERVED = ["absent"]  # registered, file missing: never served
 REQUEST_TIMEOUT = 30
+DEBUG = collections.Counter()
 
 SUCCESS_ROOTS = {
     ("POST", "/v1/completions"): ("completion", "completion_chunk"),
@@ -204,13 +205,11 @@ def test_schemathesis_fuzz(server):
     log_start = len(server.logs())
     started = time.monotonic()
 
-    for method, path, mode, examples in PLAN:
-        operation = operations[(method, path)]
-
+    def fuzz(method: str, path: str, mode: GenerationMode, examples: int) -> None:
         @settings(max_examples=examples, derandomize=True, deadline=None, database=None,
                   phases=[Phase.generate], suppress_health_check=list(HealthCheck))
-        @given(case=operation.as_strategy(mode), data=st.data())
-        def run(case, data, method=method, path=path, mode=mode):
+        @given(case=operations[(method, path)].as_strategy(mode), data=st.data())
+        def run(case, data):
             _steer(case, data, names)
             counts[(method, path, mode.value)] += 1
             request = _short({"path": case.formatted_path, "query": case.query, "headers": case.headers,
@@ -222,11 +221,20 @@ def test_schemathesis_fuzz(server):
                                         mode.value, request, None, "", f"{type(exc).__name__}: {exc}"))
                 return
             statuses[(method, path, response.status_code)] += 1
+            if response.status_code >= 400:
+                try:
+                    e = json.loads(response.content)["error"]
+                    DEBUG[(path, mode.value, response.status_code, e.get("code"), e.get("param"))] += 1
+                except Exception:
+                    pass
             for kind, detail in _check(method, path, response):
                 failures.append(Failure(kind, method, path, mode.value, request, response.status_code,
                                         _short(response.content.decode("utf-8", "replace")), detail))
 
         run()
+
+    for method, path, mode, examples in PLAN:
+        fuzz(method, path, mode, examples)
 
     elapsed = time.monotonic() - started
     total = sum(counts.values())
