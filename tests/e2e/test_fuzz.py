@@ -92,25 +92,59 @@ def _short(value: object, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 
+KEEP = object()  # "leave the generated value alone"
+# optional chat fields this server rejects unless neutral, and message fields it cannot template
+CHAT_UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "response_format", "modalities",
+                    "audio", "prediction", "reasoning_effort", "verbosity", "service_tier", "store",
+                    "metadata", "web_search_options", "prompt_cache_key")
+MESSAGE_UNSUPPORTED = ("tool_calls", "function_call", "audio", "name")
+ROLES = ["user", "system", "assistant", "developer"]
+
+
 def _steer(case, data, names: list[str]) -> None:
     """Make the case usually target a served model with a small token budget (in place)."""
-    choice_names = names * 3 + UNSERVED
+    targets = names * 3 + UNSERVED + [KEEP]  # mostly served; sometimes unserved or as generated
     if "model_id" in (case.path_parameters or {}):
-        if data.draw(st.integers(0, 4), label="replace model_id") > 0:
-            case.path_parameters["model_id"] = data.draw(st.sampled_from(choice_names), label="model_id")
+        name = data.draw(st.sampled_from(targets), label="model_id")
+        if name is not KEEP:
+            case.path_parameters["model_id"] = name
     body = case.body
     if not isinstance(body, dict):
         return
-    if isinstance(body.get("model"), str) and data.draw(st.integers(0, 9), label="replace model") > 0:
-        body["model"] = data.draw(st.sampled_from(choice_names), label="model")
+    if isinstance(body.get("model"), str):
+        name = data.draw(st.sampled_from(targets), label="model")
+        if name is not KEEP:
+            body["model"] = name
     for field in TOKEN_FIELDS:
         value = body.get(field)
         if type(value) is int and SMALL_BUDGET < value <= KEEP_BUDGET_ABOVE:
             body[field] = data.draw(st.integers(0, SMALL_BUDGET), label=field)
+    if isinstance(body.get("messages"), list) and data.draw(st.sampled_from([True, True, False]),
+                                                            label="drop unsupported chat features"):
+        _neutral_chat(body, data)
     # chat without a budget runs up to the context: bound it on the one large-context model
     if ("messages" in body and body.get("model") == "slow"
             and not any(type(body.get(f)) is int for f in TOKEN_FIELDS)):
         body["max_completion_tokens"] = data.draw(st.integers(0, SMALL_BUDGET), label="budget")
+
+
+def _neutral_chat(body: dict, data) -> None:
+    """Drop the chat features the server answers with `unsupported_parameter`, so generation is reached
+    (the optional fields removed keep a positive case positive)."""
+    for field in CHAT_UNSUPPORTED:
+        body.pop(field, None)
+    for m in body["messages"]:
+        if not isinstance(m, dict):
+            continue
+        for field in MESSAGE_UNSUPPORTED:
+            m.pop(field, None)
+        if m.get("role") in ("tool", "function"):
+            m["role"] = data.draw(st.sampled_from(ROLES), label="role")
+        if isinstance(m.get("content"), list):
+            m["content"] = [{"type": "text", "text": p.get("text") if isinstance(p.get("text"), str) else ""}
+                            if isinstance(p, dict) else p for p in m["content"]]
+        elif m.get("content") is None and m.get("role") != "assistant":
+            m["content"] = ""
 
 
 def _sse_payloads(text: str) -> list[str]:
@@ -241,6 +275,7 @@ def test_schemathesis_fuzz(server):
     summary = (f"{total} requests in {elapsed:.1f}s; per operation: {dict(counts)}; "
                f"statuses: {dict(sorted(statuses.items()))}")
     print(summary)
+    for k, v in DEBUG.most_common(60): print(v, k)
 
     # the server survived and still answers a normal request
     assert server.proc.poll() is None, "the server process died during fuzzing"
