@@ -30,7 +30,7 @@ async def ready(request: Request) -> JSONResponse:
         elif p is not None and p.alive == 0:
             missing[m.spec.id] = "no live workers"
     models = {
-        name: {"available": p.available, "alive": p.alive, "busy": p.busy, "queued": len(p.pending),
+        name: {"available": p.available, "workers": p.spec.workers, "alive": p.alive, "busy": p.busy, "queued": len(p.pending),
                "restarts": p.restarts,
                "worker_pids": [w.process.pid for w in p.workers if w.alive]}
         for name, p in pool.models.items()

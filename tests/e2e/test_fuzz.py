@@ -43,12 +43,12 @@ POS, NEG = GenerationMode.POSITIVE, GenerationMode.NEGATIVE
 # (method, path, generation mode, examples). GET /v1/models has no inputs: hypothesis runs it once
 # (and a negative case cannot exist), so it is not planned with more.
 PLAN = [
-    ("POST", "/v1/completions", POS, 260),
-    ("POST", "/v1/completions", NEG, 140),
-    ("POST", "/v1/chat/completions", POS, 260),
-    ("POST", "/v1/chat/completions", NEG, 140),
+    ("POST", "/v1/completions", POS, 400),
+    ("POST", "/v1/completions", NEG, 200),
+    ("POST", "/v1/chat/completions", POS, 400),
+    ("POST", "/v1/chat/completions", NEG, 200),
     ("GET", "/v1/models", POS, 5),
-    ("GET", "/v1/models/{model_id}", POS, 220),
+    ("GET", "/v1/models/{model_id}", POS, 250),
 ]
 MIN_REQUESTS = 1000
 SMALL_BUDGET = 16  # token budgets above this (and within any context) are replaced by 0..16
@@ -57,7 +57,6 @@ TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
 ALIASES = ["succ-alias"]  # from the e2e registry (tests/e2e/conftest.py)
 UNSERVED = ["absent"]  # registered, file missing: never served
 REQUEST_TIMEOUT = 30
-DEBUG = collections.Counter()
 
 SUCCESS_ROOTS = {
     ("POST", "/v1/completions"): ("completion", "completion_chunk"),
@@ -255,12 +254,9 @@ def test_schemathesis_fuzz(server):
                                         mode.value, request, None, "", f"{type(exc).__name__}: {exc}"))
                 return
             statuses[(method, path, response.status_code)] += 1
-            if response.status_code >= 400:
-                try:
-                    e = json.loads(response.content)["error"]
-                    DEBUG[(path, mode.value, response.status_code, e.get("code"), e.get("param"))] += 1
-                except Exception:
-                    pass
+            ctype = (response.headers.get("content-type") or [""])[0]
+            if response.status_code == 200 and ctype.startswith("text/event-stream"):
+                statuses[(method, path, "200 stream")] += 1
             for kind, detail in _check(method, path, response):
                 failures.append(Failure(kind, method, path, mode.value, request, response.status_code,
                                         _short(response.content.decode("utf-8", "replace")), detail))
@@ -273,9 +269,8 @@ def test_schemathesis_fuzz(server):
     elapsed = time.monotonic() - started
     total = sum(counts.values())
     summary = (f"{total} requests in {elapsed:.1f}s; per operation: {dict(counts)}; "
-               f"statuses: {dict(sorted(statuses.items()))}")
+               f"statuses: {dict(sorted(statuses.items(), key=str))}")
     print(summary)
-    for k, v in DEBUG.most_common(60): print(v, k)
 
     # the server survived and still answers a normal request
     assert server.proc.poll() is None, "the server process died during fuzzing"
