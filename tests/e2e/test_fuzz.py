@@ -118,6 +118,9 @@ def _steer(case, data, names: list[str]) -> None:
         value = body.get(field)
         if type(value) is int and SMALL_BUDGET < value <= KEEP_BUDGET_ABOVE:
             body[field] = data.draw(st.integers(0, SMALL_BUDGET), label=field)
+    if body.get("stream") in (None, False) and data.draw(st.sampled_from([False, True, False]),
+                                                         label="stream"):
+        body["stream"] = True  # generation rarely picks it; streams have their own code path
     if isinstance(body.get("messages"), list) and data.draw(st.sampled_from([True, True, False]),
                                                             label="drop unsupported chat features"):
         _neutral_chat(body, data)
