@@ -34,6 +34,11 @@ class Tokenizer:
 
     def _cover(self, word: bytes, out: list[int]) -> None:
         ids, n, i = self.ids, len(word), 0
+        if n <= self.longest:  # most words are one token
+            token = ids.get(word)
+            if token is not None:
+                out.append(token)
+                return
         while i < n:
             for j in range(min(n, i + self.longest), i, -1):
                 token = ids.get(word[i:j])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -53,10 +54,25 @@ def model_not_found(name: str) -> APIError:
                     param="model", code="model_not_found")
 
 
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|list|dict|none)$|[\[\-]")
+
+
+def param_name(loc: tuple) -> str | None:
+    """A request field path like messages[0].content, without pydantic's union-member tags."""
+    out = ""
+    for part in loc:
+        if part == "body":
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not _TYPE_TAG.search(str(part)):
+            out += ("." if out else "") + str(part)
+    return out or None
+
+
 def _validation_message(err: dict) -> tuple[str, str | None, str]:
     """Message, param and code for one pydantic/FastAPI validation error."""
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
+    param = param_name(tuple(err.get("loc", ())))
     kind = err.get("type", "invalid")
     if kind == "json_invalid":
         return ("We could not parse the JSON body of your request. (HINT: This likely means you aren't "
@@ -95,6 +111,8 @@ async def _validation_error(req: Request, exc: RequestValidationError) -> JSONRe
 async def _http_error(req: Request, exc: StarletteHTTPException) -> JSONResponse:
     if exc.status_code == 404:
         message, code = f"Unknown request URL: {req.method} {req.url.path}.", "unknown_url"
+    elif exc.status_code == 400:
+        message, code = f"The request body could not be parsed: {exc.detail}.", "invalid_body"
     elif exc.status_code == 405:
         message, code = f"Method {req.method} is not allowed for {req.url.path}.", "method_not_allowed"
     else:

@@ -123,13 +123,17 @@ def completion_plan(req: CompletionRequest, model: ServedModel, settings: Settin
                 bool(req.echo), stream, include_usage, echo_texts=echo)
 
 
-def tokenize(item: str | list[int], model: ServedModel) -> list[int]:
+def tokenize(item: str | list[int], model: ServedModel, param: str = "prompt") -> list[int]:
     """Token ids of a prompt with the model's own tokenizer."""
     if isinstance(item, list):
         return item
-    ids = model.tokenizer.encode(item)
+    try:
+        ids = model.tokenizer.encode(item)
+    except UnicodeEncodeError:
+        raise bad_request("The prompt is not valid Unicode (it contains a lone surrogate).",
+                          param, "invalid_unicode") from None
     if not ids:
-        raise bad_request("The prompt is empty after tokenization.", "prompt")
+        raise bad_request("The prompt is empty after tokenization.", param)
     return ids
 
 
@@ -206,7 +210,7 @@ def chat_plan(req: ChatCompletionRequest, model: ServedModel, settings: Settings
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
     messages = [_message(i, m) for i, m in enumerate(req.messages)]
-    prompt = tokenize(model.template.render(messages, model.spec.system_prompt), model)
+    prompt = tokenize(model.template.render(messages, model.spec.system_prompt), model, "messages")
     n = _n(req, settings)
     stream, include_usage = _stream_flags(req)
     value, param = (req.max_completion_tokens, "max_completion_tokens")

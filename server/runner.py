@@ -42,6 +42,12 @@ class Run:
     def submit(self) -> None:
         """Queue every job, or none: a full queue rejects the whole request with 503."""
         plan = self.plan
+        jobs = len(plan.prompts) * plan.n
+        capacity = self.pool.spec.workers + self.pool.spec.max_queue
+        if jobs > capacity:  # could never fit, so retrying would not help: a 400, not a 503
+            raise APIError(400, f"This request needs {jobs} generations (prompts x n), but model "
+                                f"{self.pool.spec.name} can take at most {capacity} at once.",
+                           param="n", code="too_many_generations")
         try:
             for p, prompt in enumerate(plan.prompts):
                 for i in range(plan.n):

@@ -67,7 +67,7 @@ class InferenceService:
         """POST /v1/completions."""
         model = self.resolve(req.model)
         record.model = model.spec.id
-        plan = completion_plan(req, model, self.settings)
+        plan = await _off_loop(completion_plan, req, model, self.settings, _text_size(req.prompt))
         return await self._execute(model, plan, "cmpl", disconnected, record, chat=False)
 
     async def chat(self, req: ChatCompletionRequest, disconnected: Callable,
@@ -75,7 +75,8 @@ class InferenceService:
         """POST /v1/chat/completions."""
         model = self.resolve(req.model)
         record.model = model.spec.id
-        plan = chat_plan(req, model, self.settings)
+        size = sum(_text_size(m.content) for m in req.messages)
+        plan = await _off_loop(chat_plan, req, model, self.settings, size)
         return await self._execute(model, plan, "chatcmpl", disconnected, record, chat=True)
 
     async def _execute(self, model: ServedModel, plan: Plan, prefix: str, disconnected: Callable,
@@ -115,6 +116,25 @@ class InferenceService:
             state.lp_offset = len(state.echo)
             states.append(state)
         return states
+
+
+BIG_TEXT = 16_384  # characters: tokenizing more than this runs in a thread, off the event loop
+
+
+def _text_size(value: object) -> int:
+    """Rough character count of a prompt or message content."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_text_size(v if not hasattr(v, "text") else v.text) for v in value)
+    return 0
+
+
+async def _off_loop(fn, req, model: ServedModel, settings: Settings, size: int) -> Plan:
+    """Build the plan; big prompts are tokenized in a thread so other requests are not stalled."""
+    if size < BIG_TEXT:
+        return fn(req, model, settings)
+    return await asyncio.to_thread(fn, req, model, settings)
 
 
 async def _cancel_on_disconnect(disconnected: Callable, run: Run) -> None:

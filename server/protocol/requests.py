@@ -10,7 +10,8 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON types must match (no "4" for 4, no true for 1), as OpenAI validates them
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Request):
@@ -29,7 +30,7 @@ class _Sampling(_Request):
     logit_bias: dict[str, int] | None = None
     max_tokens: int | None = Field(None, ge=0)
     n: int | None = Field(1, ge=1, le=128)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -51,7 +52,7 @@ class _Sampling(_Request):
     @classmethod
     def _bias_range(cls, v: dict[str, int] | None) -> dict[str, int] | None:
         for key, bias in (v or {}).items():
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit()):
                 raise ValueError(f"keys must be token ids, got {key!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"bias for token {key} must be between -100 and 100")
@@ -71,7 +72,7 @@ class CompletionRequest(_Sampling):
 class TextPart(BaseModel):
     """One part of a message's content; only text parts are supported."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str
     text: str | None = None
 
@@ -79,9 +80,16 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     """A message in the conversation."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _parts_not_empty(cls, v: str | list[TextPart] | None) -> str | list[TextPart] | None:
+        if isinstance(v, list) and not v:
+            raise ValueError("an array of content parts must not be empty")
+        return v
     name: str | None = None
     refusal: str | None = None
     tool_calls: list[Any] | None = None

@@ -298,7 +298,4 @@ def test_schemathesis_fuzz(server):
         report = [f"{len(failures)} failing responses in {len(groups)} groups ({summary})"]
         for group in groups.values():
             report.append(f"--- {len(group)}x\n" + group[0].describe())
-        tracebacks = _tracebacks(log)
-        if tracebacks:
-            report.append("--- server log tracebacks (first 3):\n" + "\n...\n".join(tracebacks[:3]))
         pytest.fail("\n".join(report), pytrace=False)

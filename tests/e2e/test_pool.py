@@ -79,3 +79,12 @@ def test_queued_request_dropped_when_client_leaves(server, client):
     r = client.post("/completions", json={**LONG, "max_tokens": 4})
     assert r.status_code == 200
     assert time.monotonic() - t0 < 2.0
+
+
+def test_request_larger_than_the_queue_can_ever_hold_is_400(client):
+    """slow has 1 worker + 1 queue slot: n=3 could never be taken, so retrying is pointless."""
+    r = client.post("/completions", json={"model": "slow", "prompt": "x", "n": 3, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    validate("error", r.json())
+    assert client.post("/completions", json={"model": "slow", "prompt": "x", "n": 2,
+                                             "max_tokens": 2}).status_code == 200
