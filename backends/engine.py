@@ -98,10 +98,10 @@ class Engine:
             raise RuntimeError("the engine failed to evaluate tokens")
         self.context.extend(tokens)
 
-    def prefill(self, prompt: list[int]) -> int:
-        """Evaluate a prompt, reusing the longest common prefix with the cached context."""
+    def prefill(self, prompt: list[int], reuse: bool = True) -> int:
+        """Evaluate a prompt, reusing the longest common prefix with the cached context if allowed."""
         ctx = self.context
-        limit = min(len(prompt) - 1, len(ctx))  # always evaluate at least one token for logits
+        limit = min(len(prompt) - 1, len(ctx)) if reuse else 0  # always evaluate at least one token for logits
         common = 0
         while common < limit and prompt[common] == ctx[common]:
             common += 1
@@ -142,7 +142,7 @@ class Engine:
         except ValueError as exc:
             yield Failed(job.job_id, ErrorKind.INVALID_REQUEST, str(exc))
             return
-        cached = self.prefill(prompt)
+        cached = self.prefill(prompt, job.reuse_prefix)
         yield Started(job.job_id, len(prompt), cached)
         yield from self._decode(job, budget, should_stop)
 

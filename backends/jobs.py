@@ -27,6 +27,7 @@ class PoolModel:
     threads: int = 1
     batch_size: int = 8
     max_queue: int = 64
+    prefix_cache: bool = True
 
 
 @dataclass(frozen=True)
@@ -90,3 +91,5 @@ class WorkerProc:
     job: JobHandle | None = None
     ready: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     alive: bool = True
+    cached: list[int] = field(default_factory=list)  # the server's view of the tokens in its KV cache
+    last_used: float = 0.0  # when it last got a job (least recently used wins ties)

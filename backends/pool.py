@@ -10,7 +10,7 @@ import time
 from collections import deque
 
 from backends.jobs import JobHandle, ModelUnavailable, PoolModel, PoolPolicy, QueueFull, WorkerProc
-from backends.types import ErrorKind, Failed, Finished, FinishReason, GenerationJob
+from backends.types import ErrorKind, Failed, Finished, FinishReason, GenerationJob, Tokens
 from backends.worker import worker_main
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,10 @@ class ModelPool:
         if handle is None or handle.job.job_id != msg.job_id:
             return  # late event of a job already given up on
         handle.deliver(msg)
+        if isinstance(msg, Tokens):
+            worker.cached.extend(msg.ids)
+        elif isinstance(msg, Failed):
+            worker.cached = []
         if isinstance(msg, (Finished, Failed)):
             worker.job = None
             self._dispatch()
@@ -209,16 +213,24 @@ class ModelPool:
         """Whether the model takes requests (not closing, not in a crash cooldown)."""
         return not self._closing and time.monotonic() >= self.unavailable_until
 
-    def _idle(self) -> WorkerProc | None:
+    def _idle(self, prompt: list[int] | None = None) -> WorkerProc | None:
+        """An idle worker; with a prompt, the one whose cache shares the longest prefix with it."""
+        best, best_key = None, None
         for w in self.workers:
-            if w.alive and w.job is None and w.limits is not None:
+            if not (w.alive and w.job is None and w.limits is not None):
+                continue
+            if prompt is None or not self.spec.prefix_cache:
                 return w
-        return None
+            key = (_common_prefix(w.cached, prompt), -w.last_used)
+            if best_key is None or key > best_key:
+                best, best_key = w, key
+        return best
 
     def _dispatch(self) -> None:
         """Hand queued jobs to idle workers in arrival order."""
         while self.pending:
-            worker = self._idle()
+            prompt = self.pending[0].job.prompt
+            worker = self._idle(prompt if isinstance(prompt, list) else None)
             if worker is None:
                 return
             handle = self.pending.popleft()
@@ -226,6 +238,8 @@ class ModelPool:
                 handle.timer.cancel()
             handle.dispatched_at = time.monotonic()
             worker.job = handle
+            worker.cached = list(prompt) if isinstance(prompt, list) else []
+            worker.last_used = handle.dispatched_at
             handle.worker = worker
             self._send(worker, ("job", handle.job))
 
@@ -256,6 +270,15 @@ class ModelPool:
     def alive(self) -> int:
         """Workers that are loaded and running."""
         return sum(1 for w in self.workers if w.alive and w.limits is not None)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def _resolve(fut: asyncio.Future, value) -> None:

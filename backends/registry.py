@@ -67,6 +67,8 @@ class ModelSpec(_Strict):
     workers: int = Field(1, ge=1, le=64)
     threads: int = Field(1, ge=1, le=256)
     batch_size: int = Field(8, ge=1, le=32)
+    prefix_cache: bool = Field(True, description="Reuse the longest common token prefix between requests "
+                                                 "on a worker, and route follow-ups to the worker holding it.")
     max_queue: int | None = Field(None, ge=0)
     max_tokens_cap: int | None = Field(None, ge=1, description="Largest max_tokens a request may ask for.")
     create_if_missing: Literal["demo"] | None = None

@@ -54,6 +54,7 @@ class GenerationJob:
     sampling: SamplingParams
     logprobs: int | None = None  # number of top alternatives per token; None = off
     time_limit: float | None = None  # seconds of generation; then it ends as LENGTH
+    reuse_prefix: bool = True  # keep the common token prefix with the worker's previous sequence
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs,
     Completion, CompletionChoice, CompletionLogprobs, Delta, TokenLogprobOut, TopLogprob, Usage,
 )
+from server.protocol.responses import PromptTokensDetails
 from server.streaming import TokenRecord
 
 
@@ -15,10 +16,11 @@ def token_text(piece: bytes) -> str:
     return piece.decode("utf-8", errors="replace")
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
-    """Usage with total = prompt + completion."""
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
+    """Usage with total = prompt + completion, and how many prompt tokens came from the prefix cache."""
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens)
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
 def completion_logprobs(records: list[TokenRecord], offset: int) -> CompletionLogprobs:

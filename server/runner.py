@@ -55,7 +55,7 @@ class Run:
                     job = GenerationJob(
                         job_id=self.pool.new_job_id(), prompt=prompt, max_tokens=plan.max_tokens,
                         sampling=plan.seed_for(index), logprobs=plan.logprobs,
-                        time_limit=self.time_limit,
+                        time_limit=self.time_limit, reuse_prefix=self.pool.spec.prefix_cache,
                     )
                     self.handles.append(self.pool.submit(job, self.sink, index))
                     self._open.add(index)

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 
 from backends.pool import WorkerPool
 from backends.registry import Registry, ServedModel
-from backends.types import Failed, Finished, FinishReason, Tokens
+from backends.types import Failed, Finished, FinishReason, Started, Tokens
 from server.errors import APIError, model_not_found
 from server.metrics import Metrics
 from server.middleware import RequestRecord
@@ -147,6 +147,9 @@ def _apply(run: Run, state: ChoiceState, event: object) -> str:
     """Feed one event into a choice; returns released text. Failures raise APIError."""
     if state.finish_reason is not None:
         return ""
+    if isinstance(event, Started):
+        state.cached_tokens = event.cached_tokens
+        return ""
     if isinstance(event, Tokens):
         out = []
         lps = event.logprobs or [None] * len(event.pieces)
@@ -174,8 +177,9 @@ async def _collect(run: Run, states: list[ChoiceState], tracker: "Tracker") -> N
 
 
 def _usage(plan: Plan, states: list[ChoiceState]):
-    prompt = sum(s.prompt_tokens for s in states if s.index % plan.n == 0)
-    return usage(prompt, sum(s.completion_tokens for s in states))
+    firsts = [s for s in states if s.index % plan.n == 0]
+    return usage(sum(s.prompt_tokens for s in firsts), sum(s.completion_tokens for s in states),
+                 sum(s.cached_tokens for s in firsts))
 
 
 def _completion_lp(plan: Plan, s: ChoiceState, records: list, always: bool = False):

@@ -82,6 +82,7 @@ class ChoiceState:
     sent_records: int = 0
     completion_tokens: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     finish_reason: str | None = None
     text: list[str] = field(default_factory=list)
     echo: str = ""  # the prompt, when the client asked for echo

@@ -53,3 +53,11 @@ def validate(root: str, obj: object) -> None:
     components = _chunk_components() if root == "completion_chunk" else doc["components"]
     schema = {"$ref": f"#/components/schemas/{name}", "components": components}
     jsonschema.Draft202012Validator(schema).validate(obj)
+
+
+def usage_counts(usage: dict) -> tuple[int, int, int]:
+    """(prompt, completion, total) of a usage object, checking the prompt-cache detail is consistent."""
+    cached = usage["prompt_tokens_details"]["cached_tokens"]
+    assert 0 <= cached < max(usage["prompt_tokens"], 1)
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    return usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]

@@ -21,12 +21,19 @@ class _Response(BaseModel):
         return self.model_dump(mode="json", exclude_unset=True)
 
 
+class PromptTokensDetails(_Response):
+    """Breakdown of the prompt tokens."""
+
+    cached_tokens: int  # reused from a worker's previous sequence (prefix cache)
+
+
 class Usage(_Response):
     """Token counts for a whole request."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(_Response):

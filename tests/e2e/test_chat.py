@@ -3,7 +3,7 @@
 import pytest
 
 from tests.e2e.sse import stream
-from tests.schemas import validate
+from tests.schemas import usage_counts, validate
 
 USER = [{"role": "user", "content": "hello"}]
 
@@ -22,7 +22,7 @@ def test_reply_usage_and_shape(client):
     assert choice["message"] == {"role": "assistant", "content": "Hi there!", "refusal": None}
     assert choice["finish_reason"] == "stop" and choice["logprobs"] is None
     # "hello\n" is six single-byte tokens in the plain template
-    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 3, "total_tokens": 9}
+    assert usage_counts(body["usage"]) == (6, 3, 9)
 
 
 def test_template_system_prompt_and_history(client):
@@ -66,7 +66,7 @@ def test_stream_include_usage(client):
         validate("chat_chunk", c)
     assert all(c["usage"] is None for c in chunks[:-1])
     assert chunks[-1]["choices"] == []
-    assert chunks[-1]["usage"] == {"prompt_tokens": 6, "completion_tokens": 3, "total_tokens": 9}
+    assert usage_counts(chunks[-1]["usage"]) == (6, 3, 9)
 
 
 def test_n_and_logprobs(client):
@@ -142,3 +142,38 @@ def test_context_length_exceeded_blames_messages(client):
         validate("error", r.json())
         assert r.json()["error"]["code"] == "context_length_exceeded"
         assert r.json()["error"]["param"] == "messages"
+
+
+def test_prefix_cache_reports_cached_tokens_and_routes_follow_ups(model_files, tmp_path):
+    """Two workers: a conversation's next turn goes to the worker holding its prefix, even after an
+    unrelated request in between; with prefix_cache off nothing is reused."""
+    import httpx
+
+    from tests.e2e.conftest import start_server, stop_server
+
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(
+        f"models:\n"
+        f"  - {{id: cache-on, path: {model_files['rand']}, prompt_template: plain, workers: 2}}\n"
+        f"  - {{id: cache-off, path: {model_files['rand']}, prompt_template: plain, prefix_cache: false}}\n")
+    srv = start_server(registry, tmp_path / "server.log")
+    try:
+        def turn(model: str, messages: list[dict]) -> tuple[str, dict]:
+            r = httpx.post(srv.url + "/chat/completions", timeout=30, json={
+                "model": model, "messages": messages, "max_tokens": 8, "temperature": 0})
+            assert r.status_code == 200, r.text
+            validate("chat_completion", r.json())
+            return r.json()["choices"][0]["message"]["content"], r.json()["usage"]
+
+        history = [{"role": "user", "content": "Tell me a story about a cat and a dog."}]
+        reply, first = turn("cache-on", history)
+        assert first["prompt_tokens_details"]["cached_tokens"] == 0
+        turn("cache-on", [{"role": "user", "content": "Something unrelated entirely, please."}])
+        history += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
+        _, second = turn("cache-on", history)
+        assert second["prompt_tokens_details"]["cached_tokens"] >= first["prompt_tokens"] - 1
+        turn("cache-off", history[:1])
+        _, off = turn("cache-off", history)
+        assert off["prompt_tokens_details"]["cached_tokens"] == 0
+    finally:
+        stop_server(srv)

@@ -1,0 +1,251 @@
+"""Shared benchmark pieces: model files (cached), the server under test, a light HTTP client, stats."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(__file__).resolve().parent / ".cache"
+RESULTS = Path(__file__).resolve().parent / "results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(msg: str) -> None:
+    """Progress line on stderr."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- models ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelDef:
+    """A benchmark model: GPT-J hyperparameters and its vocabulary kind ("gpt2" or "default")."""
+
+    name: str
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_rot: int
+    n_ctx: int = 2048
+    ftype: str = "q4_0"
+    vocab: str = "default"
+    n_vocab: int = 1024
+    seed: int = 11
+
+    def key(self) -> str:
+        """Cache key: every field that changes the file."""
+        return (f"gptj-e{self.n_embd}-l{self.n_layer}-h{self.n_head}-r{self.n_rot}-c{self.n_ctx}-"
+                f"{self.ftype}-{self.vocab}{self.n_vocab}-s{self.seed}")
+
+
+TINY = ModelDef("tiny", n_embd=256, n_layer=6, n_head=8, n_rot=16, vocab="default", n_vocab=1024)
+REAL = ModelDef("real", n_embd=1024, n_layer=12, n_head=16, n_rot=32, vocab="gpt2", n_vocab=50400)
+
+
+def ensure_model(mdef: ModelDef) -> tuple[Path, dict]:
+    """Write the model file once (cached by config); returns its path and a description."""
+    from backends.ggml.writer import GPTJConfig, default_vocab, write_model
+
+    folder = CACHE / "models"
+    path = folder / f"{mdef.key()}.bin"
+    meta_path = path.with_suffix(".json")
+    if path.is_file() and meta_path.is_file():
+        return path, json.loads(meta_path.read_text())
+    if mdef.vocab == "gpt2":
+        from benchmarks.vocab import load_vocab
+
+        vocab, source = load_vocab(CACHE / "whisper")
+    else:
+        vocab, source = default_vocab(mdef.n_vocab), f"default_vocab({mdef.n_vocab})"
+    config = GPTJConfig(n_vocab=len(vocab), n_ctx=mdef.n_ctx, n_embd=mdef.n_embd, n_head=mdef.n_head,
+                        n_layer=mdef.n_layer, n_rot=mdef.n_rot, ftype=mdef.ftype)
+    log(f"writing model {mdef.name} ({mdef.key()}) ...")
+    t = time.monotonic()
+    write_model(path, config, vocab=vocab, seed=mdef.seed, kind="random")
+    meta = {**asdict(mdef), "n_vocab": len(vocab), "vocab_source": source, "file": path.name,
+            "file_bytes": path.stat().st_size, "write_seconds": round(time.monotonic() - t, 1)}
+    meta_path.write_text(json.dumps(meta, indent=1))
+    return path, meta
+
+
+def eos_id(path: Path) -> int:
+    """Id of <|endoftext|> in a model file's vocabulary."""
+    from backends.ggml.reader import read_vocab
+
+    return read_vocab(path).index(b"<|endoftext|>")
+
+
+# ---- the server under test -------------------------------------------------------------------------
+
+def write_registry(path: Path, entries: list[dict]) -> Path:
+    """A registry YAML with the given model entries (plain template unless set)."""
+    import yaml
+
+    models = [{"prompt_template": "plain", "sampling": {"temperature": 0}, **e} for e in entries]
+    path.write_text(yaml.safe_dump({"models": models}, sort_keys=False))
+    return path
+
+
+def start(registry: Path, log_path: Path):
+    """Start the real server (tests.e2e.conftest.start_server) with generous queue limits."""
+    from tests.e2e.conftest import start_server
+
+    env = {"GPT4ALL_J_QUEUE_TIMEOUT": "0", "GPT4ALL_J_DEFAULT_MAX_QUEUE": "256",
+           "GPT4ALL_J_LOAD_TIMEOUT": "600"}
+    return start_server(registry, log_path, extra_env=env)
+
+
+def stop(server) -> None:
+    """Stop the server."""
+    from tests.e2e.conftest import stop_server
+
+    stop_server(server)
+
+
+def port_of(server) -> int:
+    """The server's TCP port."""
+    return int(server.base.rsplit(":", 1)[1])
+
+
+def children(pid: int) -> list[int]:
+    """Direct child pids of a process."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads, live and ended)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+# ---- a light HTTP client (stdlib; its CPU cost competes with the engine on 2 cores) ------------------
+
+def post_stream(port: int, path: str, body: dict, timeout: float = 600, collect: bool = False) -> dict:
+    """POST a streaming request; times the first text chunk and the end; returns timings and usage."""
+    payload = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    t0 = time.monotonic()
+    conn.request("POST", path, payload, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
+    ttft = None
+    chunks = 0
+    last = b""
+    parts: list[str] = []
+    chat = "chat" in path
+    while True:
+        line = resp.readline()
+        if not line:
+            break
+        if not line.startswith(b"data: "):
+            continue
+        data = line[6:].rstrip()
+        if data == b"[DONE]":
+            break
+        chunks += 1
+        if ttft is None and _has_text(data, chat):
+            ttft = time.monotonic() - t0
+        if collect:
+            parts.append(_text(data, chat))
+        last = data
+    t_end = time.monotonic() - t0
+    conn.close()
+    final = json.loads(last)
+    if "error" in final:
+        raise RuntimeError(f"stream error: {final['error']}")
+    return {"t0": t0, "ttft": ttft, "total": t_end, "chunks": chunks, "usage": final.get("usage"),
+            "text": "".join(parts)}
+
+
+def _text(data: bytes, chat: bool) -> str:
+    """The text a chunk carries."""
+    choices = json.loads(data).get("choices") or []
+    if not choices:
+        return ""
+    c = choices[0]
+    return ((c.get("delta") or {}).get("content") if chat else c.get("text")) or ""
+
+
+def _has_text(data: bytes, chat: bool) -> bool:
+    """Whether a chunk carries non-empty text (parsed only until the first one)."""
+    return bool(_text(data, chat))
+
+
+def post_json(port: int, path: str, body: dict, timeout: float = 600) -> dict:
+    """POST a non-streamed request; returns its total time and body."""
+    payload = json.dumps({**body, "stream": False}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    t0 = time.monotonic()
+    conn.request("POST", path, payload, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    raw = resp.read()
+    total = time.monotonic() - t0
+    conn.close()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {raw[:300]!r}")
+    return {"t0": t0, "total": total, "body": json.loads(raw)}
+
+
+# ---- stats -----------------------------------------------------------------------------------------
+
+def median(xs: list[float]) -> float | None:
+    """Median (None for no data)."""
+    return percentile(xs, 50)
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    """Percentile with linear interpolation (None for no data)."""
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def metadata() -> dict:
+    """Date, machine and versions, for results.json."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for pkg in ("ctransformers", "fastapi", "uvicorn", "sse-starlette", "pydantic", "numpy"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return r.stdout.strip()
+
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu, "cpus": os.cpu_count(), "load_average_start": list(os.getloadavg()),
+        "python": platform.python_version(), "platform": platform.platform(), "versions": versions,
+        "git_commit": git("rev-parse", "--short", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
+    }

@@ -1,0 +1,343 @@
+"""The benchmark: our server against the raw engine, measured in the same run (issue 4).
+
+    python -m benchmarks.run [--quick] [--peer]
+
+Single stream (tiny and realistic model), a concurrency sweep for two pool shapes with the raw ceiling,
+multi-turn chat TTFT with prefix reuse on and off, and optionally the llama-cpp-python peer. Every figure
+that is compared is a ratio of two things measured in this run, alternating (ABAB), with medians.
+Writes benchmarks/results/{results.json,results.md,summary.md,*.png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from benchmarks import common as c
+from benchmarks.raw import RawEngine, RawProcs, sequential
+
+LEVELS = [1, 2, 4, 8, 16]
+CEILING_AT = 8
+PROFILES = {
+    "quick": {"tiny": (256, 5), "real": (48, 3), "sweep_tokens": 32, "per_client": 1, "sweep_reps": 1,
+              "chat_reps": 1, "chat_answer": 16, "chat_user_words": 60, "turns": 5},
+    "full": {"tiny": (512, 15), "real": (128, 7), "sweep_tokens": 64, "per_client": 2, "sweep_reps": 2,
+             "chat_reps": 3, "chat_answer": 32, "chat_user_words": 80, "turns": 5},
+}
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+BASE = ("The old harbour town was quiet in the early morning, and the fishermen walked down to the "
+        "boats while the")
+WORDS = ("the a of and to in is was for on with as by at from that this it be are were river city house "
+         "garden road window market story music water light stone winter summer friend teacher doctor "
+         "question answer morning evening history science bridge forest mountain village").split()
+SYSTEM = ("You are a helpful assistant. Answer the questions of the user clearly, in a few sentences, and "
+          "keep the conversation friendly and on topic.")
+
+
+class Prompts:
+    """Prompts whose first token differs from the previous ones' (no accidental prefix reuse)."""
+
+    def __init__(self) -> None:
+        self.k = 0
+
+    def next(self) -> str:
+        """The next prompt."""
+        self.k += 1
+        return f"{LETTERS[self.k % len(LETTERS)]} {BASE}"
+
+    def many(self, n: int) -> list[str]:
+        """n prompts."""
+        return [self.next() for _ in range(n)]
+
+
+def completion_body(model: str, prompt: str, n: int, eos: int) -> dict:
+    """A greedy completion of exactly n tokens (EOS banned)."""
+    return {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "seed": 0,
+            "logit_bias": {str(eos): -100}}
+
+
+class CPU:
+    """CPU seconds of this process (client or raw engine), the server process and its workers."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.pid = server_pid
+        self.kids = c.children(server_pid)
+
+    def snap(self) -> tuple[float, float, float]:
+        """(this process, server main process, all workers)."""
+        return (time.process_time(), c.cpu_seconds(self.pid), sum(c.cpu_seconds(k) for k in self.kids))
+
+
+def single_stream(port: int, server_pid: int, model_id: str, path: Path, n: int, reps: int,
+                  prompts: Prompts) -> dict:
+    """Raw engine vs server (streamed and not), same model/threads/sampling/N, ABAB with medians."""
+    raw = RawEngine(path, threads=2)
+    eos = raw.eos
+    cpu = CPU(server_pid)
+    modes = ["raw", "stream", "json"]
+    rows: dict[str, list[dict]] = {m: [] for m in modes}
+    spent = {m: [0.0, 0.0, 0.0] for m in modes}
+
+    def once(mode: str) -> dict:
+        p = prompts.next()
+        if mode == "raw":
+            return raw.generate(p, n)
+        if mode == "stream":
+            r = c.post_stream(port, "/v1/completions", completion_body(model_id, p, n, eos))
+            r["tokens"] = r["usage"]["completion_tokens"]
+            return r
+        r = c.post_json(port, "/v1/completions", completion_body(model_id, p, n, eos))
+        r["tokens"] = r.pop("body")["usage"]["completion_tokens"]
+        return r
+
+    for m in modes:  # warm-up
+        once(m)
+    for i in range(reps):
+        for m in modes[i % 3:] + modes[: i % 3]:
+            before = cpu.snap()
+            r = once(m)
+            after = cpu.snap()
+            for k in range(3):
+                spent[m][k] += after[k] - before[k]
+            if r["tokens"] != n:
+                raise RuntimeError(f"{m} produced {r['tokens']} tokens, expected {n}")
+            rows[m].append({k: r[k] for k in ("ttft", "total", "tokens") if k in r} |
+                           {"first_token": r.get("first_token")})
+    raw.close()
+    return {"model": model_id, "tokens": n, "reps": reps, "threads": 2, "runs": rows,
+            "cpu_seconds": {m: dict(zip(("this_process", "server_main", "workers"), v))
+                            for m, v in spent.items()},
+            "derived": derive_single(rows, n)}
+
+
+def derive_single(rows: dict[str, list[dict]], n: int) -> dict:
+    """Paired (same rep) ratios and differences, then medians."""
+    raw, out = rows["raw"], {}
+    out["raw_tok_s"] = c.median([n / r["total"] for r in raw])
+    out["raw_ttft_ms"] = c.median([r["ttft"] * 1e3 for r in raw])
+    for m in ("stream", "json"):
+        srv = rows[m]
+        out[f"{m}_tok_s"] = c.median([n / r["total"] for r in srv])
+        out[f"{m}_ratio"] = c.median([a["total"] / b["total"] for a, b in zip(raw, srv)])
+        out[f"{m}_overhead_us_per_token"] = c.median(
+            [(b["total"] - a["total"]) / n * 1e6 for a, b in zip(raw, srv)])
+    out["stream_ttft_ms"] = c.median([r["ttft"] * 1e3 for r in rows["stream"]])
+    out["ttft_overhead_ms"] = c.median([(b["ttft"] - a["ttft"]) * 1e3 for a, b in zip(raw, rows["stream"])])
+    dec = [((n - 1) / (r["total"] - r["ttft"])) for r in raw]
+    sdec = [((n - 1) / (r["total"] - r["ttft"])) for r in rows["stream"]]
+    out["stream_decode_ratio"] = c.median([b / a for a, b in zip(dec, sdec)])
+    return out
+
+
+def client_level(port: int, model_id: str, clients: int, per_client: int, n: int, eos: int,
+                 prompts: Prompts) -> dict:
+    """`clients` streaming clients at once, each sending per_client requests back to back."""
+    work = [prompts.many(per_client) for _ in range(clients)]
+    results: list[dict] = []
+    errors: list[str] = []
+    barrier = threading.Barrier(clients)
+    lock = threading.Lock()
+
+    def client(mine: list[str]) -> None:
+        barrier.wait()
+        for p in mine:
+            try:
+                r = c.post_stream(port, "/v1/completions", completion_body(model_id, p, n, eos))
+            except Exception as exc:  # recorded, not fatal: a sweep should finish
+                with lock:
+                    errors.append(repr(exc))
+                continue
+            with lock:
+                results.append(r)
+
+    threads = [threading.Thread(target=client, args=(w,)) for w in work]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    start = min(r["t0"] for r in results)
+    end = max(r["t0"] + r["total"] for r in results)
+    tokens = sum(r["usage"]["completion_tokens"] for r in results)
+    return {"clients": clients, "requests": len(results), "errors": errors, "tokens": tokens,
+            "seconds": end - start, "tok_s": tokens / (end - start),
+            "ttft": [r["ttft"] for r in results], "latency": [r["total"] for r in results]}
+
+
+def sweep(port: int, shapes: dict[str, str], path: Path, n: int, per_client: int, reps: int,
+          prompts: Prompts) -> dict:
+    """Concurrency sweep per pool shape, with the raw ceiling (1 proc x 2 threads, 2 procs x 1 thread)."""
+    raw1 = RawEngine(path, threads=2)
+    raw2 = RawProcs(path, procs=2, threads=1)
+    eos = raw1.eos
+    levels: dict[str, dict[int, list[dict]]] = {s: {k: [] for k in LEVELS} for s in shapes}
+    ceiling: dict[str, list[dict]] = {"raw_1x2": [], "raw_2x1": []}
+    for shape, model_id in shapes.items():  # warm-up
+        client_level(port, model_id, 2, 1, n, eos, prompts)
+    raw2.run(prompts.many(2), n)
+    for rep in range(reps):
+        for k in LEVELS:
+            if k == CEILING_AT:
+                count = CEILING_AT * per_client
+                pair = [("raw_1x2", lambda: sequential(raw1, prompts.many(count), n)),
+                        ("raw_2x1", lambda: raw2.run(prompts.many(count), n))]
+                for name, fn in (pair if rep % 2 == 0 else pair[::-1]):
+                    ceiling[name].append(fn())
+                    c.log(f"  raw {name}: {ceiling[name][-1]['tok_s']:.1f} tok/s")
+            order = list(shapes.items()) if (rep + k) % 2 == 0 else list(shapes.items())[::-1]
+            for shape, model_id in order:
+                r = client_level(port, model_id, k, per_client, n, eos, prompts)
+                levels[shape][k].append(r)
+                c.log(f"  {shape} x{k}: {r['tok_s']:.1f} tok/s, ttft p50 "
+                      f"{c.median(r['ttft']) * 1e3:.0f} ms")
+    raw1.close()
+    raw2.close()
+    return {"tokens": n, "per_client": per_client, "reps": reps, "levels": LEVELS, "ceiling_at": CEILING_AT,
+            "shapes": {s: {"model": m} for s, m in shapes.items()},
+            "runs": {s: {str(k): v for k, v in lv.items()} for s, lv in levels.items()},
+            "ceiling_runs": ceiling, "derived": derive_sweep(levels, ceiling)}
+
+
+def derive_sweep(levels: dict, ceiling: dict) -> dict:
+    """Median aggregate tok/s per level and latency percentiles over all requests of all reps."""
+    out: dict = {"ceiling": {k: c.median([r["tok_s"] for r in v]) for k, v in ceiling.items()}}
+    out["ceiling"]["best"] = max(out["ceiling"].values())
+    for shape, lv in levels.items():
+        rows = {}
+        for k, runs in lv.items():
+            ttft = [t for r in runs for t in r["ttft"]]
+            lat = [t for r in runs for t in r["latency"]]
+            rows[str(k)] = {"tok_s": c.median([r["tok_s"] for r in runs]),
+                            "errors": sum(len(r["errors"]) for r in runs), "requests": len(lat),
+                            **{f"ttft_p{q}_ms": c.percentile(ttft, q) * 1e3 for q in (50, 95, 99)},
+                            **{f"latency_p{q}_ms": c.percentile(lat, q) * 1e3 for q in (50, 95, 99)}}
+        out[shape] = rows
+    return out
+
+
+def user_message(rep: int, turn: int, words: int) -> str:
+    """A deterministic user message of `words` words (different per rep and turn)."""
+    rng = random.Random(rep * 100 + turn)
+    return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "?"
+
+
+def conversation(port: int, model_id: str, rep: int, turns: int, answer: int, words: int, eos: int) -> list:
+    """One chat of `turns` turns with a growing history; TTFT and prompt/cached tokens per turn."""
+    messages = [{"role": "system", "content": SYSTEM}]
+    out = []
+    for t in range(turns):
+        messages.append({"role": "user", "content": user_message(rep, t, words)})
+        body = {"model": model_id, "messages": messages, "max_tokens": answer, "temperature": 0,
+                "seed": 0, "logit_bias": {str(eos): -100}}
+        r = c.post_stream(port, "/v1/chat/completions", body, collect=True)
+        usage = r["usage"] or {}
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+        out.append({"turn": t + 1, "ttft": r["ttft"], "total": r["total"], "prompt_tokens":
+                    usage.get("prompt_tokens"), "cached_tokens": cached,
+                    "completion_tokens": usage.get("completion_tokens")})
+        messages.append({"role": "assistant", "content": r["text"]})
+    return out
+
+
+def chat(port: int, ids: dict[str, str], eos: int, turns: int, reps: int, answer: int, words: int) -> dict:
+    """Multi-turn chat TTFT per turn with prefix reuse on and off (alternating conversations)."""
+    for model_id in ids.values():  # warm-up (a different conversation)
+        conversation(port, model_id, -1, 1, answer, words, eos)
+    runs: dict[str, list] = {m: [] for m in ids}
+    for rep in range(reps):
+        for mode in (list(ids) if rep % 2 == 0 else list(ids)[::-1]):
+            runs[mode].append(conversation(port, ids[mode], rep, turns, answer, words, eos))
+            c.log(f"  chat {mode}: ttft per turn " +
+                  " ".join(f"{x['ttft'] * 1e3:.0f}" for x in runs[mode][-1]) + " ms")
+    derived = {}
+    for mode, convs in runs.items():
+        derived[mode] = [{"turn": t + 1, "ttft_ms": c.median([cv[t]["ttft"] * 1e3 for cv in convs]),
+                          "prompt_tokens": convs[0][t]["prompt_tokens"],
+                          "cached_tokens": convs[0][t]["cached_tokens"]} for t in range(turns)]
+    derived["speedup"] = [off["ttft_ms"] / on["ttft_ms"] for on, off in zip(derived["on"], derived["off"])]
+    return {"turns": turns, "reps": reps, "answer_tokens": answer, "user_words": words,
+            "models": ids, "runs": runs, "derived": derived}
+
+
+def peer(quick: bool, tokens: int) -> dict:
+    """The llama-cpp-python peer comparison, if benchmarks.peer is there and works."""
+    try:
+        from benchmarks.peer import run_peer
+    except Exception as exc:
+        return {"status": "missing", "error": f"{type(exc).__name__}: {exc}"}
+    try:
+        return {"status": "ok", "result": run_peer(concurrency=LEVELS, tokens=tokens, threads=2, quick=quick)}
+    except Exception as exc:
+        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+
+
+def registry_entries(tiny: Path, real: Path) -> list[dict]:
+    """The served models: tiny 1x2, realistic 1x2 and 2x1, and two chat entries (prefix cache on/off)."""
+    chat = {"path": str(real), "prompt_template": "gpt4all-j", "workers": 1, "threads": 2}
+    return [
+        {"id": "tiny", "path": str(tiny), "workers": 1, "threads": 2},
+        {"id": "real-1x2", "path": str(real), "workers": 1, "threads": 2},
+        {"id": "real-2x1", "path": str(real), "workers": 2, "threads": 1},
+        {"id": "chat-on", **chat, "prefix_cache": True},
+        {"id": "chat-off", **chat, "prefix_cache": False},
+    ]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run every phase and write the results."""
+    from benchmarks import report
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer reps, shorter generations (~2 min)")
+    ap.add_argument("--peer", action="store_true", help="also run the llama-cpp-python peer comparison")
+    ap.add_argument("--out", type=Path, default=c.RESULTS, help="results folder")
+    args = ap.parse_args(argv)
+    prof = PROFILES["quick" if args.quick else "full"]
+    started = time.monotonic()
+    results: dict = {"meta": c.metadata() | {"mode": "quick" if args.quick else "full", "profile": prof}}
+    tiny, tiny_meta = c.ensure_model(c.TINY)
+    real, real_meta = c.ensure_model(c.REAL)
+    results["models"] = {"tiny": tiny_meta, "real": real_meta}
+    eos_real = c.eos_id(real)
+    prompts = Prompts()
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        registry = c.write_registry(Path(tmp) / "registry.yaml", registry_entries(tiny, real))
+        c.log("starting the server")
+        server = c.start(registry, Path(tmp) / "server.log")
+        port, pid = c.port_of(server), server.proc.pid
+        try:
+            for name, path, model_id in (("tiny", tiny, "tiny"), ("real", real, "real-1x2")):
+                n, reps = prof[name]
+                c.log(f"single stream: {name} model, {n} tokens x {reps} reps")
+                results[f"single_{name}"] = single_stream(port, pid, model_id, path, n, reps, prompts)
+                c.log(f"  {json.dumps(results[f'single_{name}']['derived'])}")
+            c.log("concurrency sweep")
+            results["sweep"] = sweep(port, {"1x2": "real-1x2", "2x1": "real-2x1"}, real, prof["sweep_tokens"],
+                                     prof["per_client"], prof["sweep_reps"], prompts)
+            c.log("multi-turn chat")
+            results["chat"] = chat(port, {"on": "chat-on", "off": "chat-off"}, eos_real, prof["turns"],
+                                   prof["chat_reps"], prof["chat_answer"], prof["chat_user_words"])
+        finally:
+            c.stop(server)
+            lines = server.logs().splitlines()
+            results["server_log_problems"] = [x for x in lines if "WARNING" in x or "ERROR" in x
+                                              or "Traceback" in x][-30:]
+    if args.peer:
+        c.log("peer comparison")
+        results["peer"] = peer(args.quick, prof["sweep_tokens"])
+    else:
+        results["peer"] = {"status": "skipped", "error": "run with --peer"}
+    results["meta"]["seconds"] = round(time.monotonic() - started, 1)
+    results["meta"]["load_average_end"] = list(__import__("os").getloadavg())
+    summary = report.write_all(results, args.out)
+    print(summary)
+    return results
+
+
+if __name__ == "__main__":
+    main()
