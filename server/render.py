@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from backends.types import TokenLogprob
 from server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs,
@@ -49,12 +51,42 @@ def chat_logprobs(records: list[TokenRecord]) -> ChatLogprobs:
     return ChatLogprobs(content=content, refusal=None)
 
 
+_SLOT = "\u0000slot\u0000"  # a placeholder no real text can produce in JSON-encoded form
+_SLOT_JSON = json.dumps(_SLOT)
+
+
+class TextChunkTemplate:
+    """The JSON of a text-only stream chunk, rendered once by the protocol models, filled per token.
+
+    The shape comes from pydantic (the one source of truth); only the text is spliced in, so the
+    per-token cost is one json.dumps of the text instead of building and dumping a model.
+    """
+
+    def __init__(self, sample: dict) -> None:
+        encoded = json.dumps(sample, ensure_ascii=False)
+        self.head, self.tail = encoded.split(_SLOT_JSON)
+
+    def fill(self, text: str) -> str:
+        """The chunk's JSON with this text."""
+        return self.head + json.dumps(text, ensure_ascii=False) + self.tail
+
+
 class Renderer:
     """Shapes for one request: same id, created and model on every object."""
 
     def __init__(self, rid: str, created: int, model: str, include_usage: bool) -> None:
         self.rid, self.created, self.model = rid, created, model
         self.include_usage = include_usage
+        self._templates: dict[tuple[str, int], TextChunkTemplate] = {}
+
+    def text_chunk(self, kind: str, index: int, text: str) -> str:
+        """JSON of a plain text delta ('chat' or 'completion') for choice index (fast path)."""
+        template = self._templates.get((kind, index))
+        if template is None:
+            sample = (self.chat_chunk(index, Delta(content=_SLOT), None) if kind == "chat"
+                      else self.completion_chunk(index, _SLOT, None))
+            template = self._templates[(kind, index)] = TextChunkTemplate(sample)
+        return template.fill(text)
 
     # ---- completions ----
     def completion(self, choices: list[CompletionChoice], use: Usage) -> dict:

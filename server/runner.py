@@ -94,6 +94,17 @@ class Run:
             self._track(event, index)
             yield index, event
 
+    def drain(self) -> list[tuple[int, object]]:
+        """Events that have already arrived (to coalesce tokens when the client is slower than the engine)."""
+        out = []
+        while self._open and not self.sink.empty():
+            index, event = self.sink.get_nowait()
+            if isinstance(event, Started):
+                self.started[index] = event
+            self._track(event, index)
+            out.append((index, event))
+        return out
+
     def _track(self, event: object, index: int) -> None:
         if isinstance(event, (Finished, Failed)):
             self._open.discard(index)

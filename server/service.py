@@ -219,17 +219,13 @@ class _Stream:
         self.tracker = tracker
 
     async def events(self) -> AsyncIterator[str]:
-        """The SSE data payloads, ending with [DONE]."""
+        """The SSE data payloads, ending with [DONE]; tokens that arrived together share a chunk."""
         try:
             for chunk in self.opening():
                 yield json.dumps(chunk)
-            async for index, event in self.run.events():
-                self.tracker.see(index, event)
-                state = self.states[index]
-                was_open = state.finish_reason is None
-                text = _apply(self.run, state, event)
-                for chunk in self.deltas(state, text, was_open and state.finish_reason is not None):
-                    yield json.dumps(chunk)
+            async for first in self.run.events():
+                for chunk in self._batch([first, *self.run.drain()]):
+                    yield chunk
             if self.plan.include_usage:
                 yield json.dumps(self.usage_chunk(_usage(self.plan, self.states)))
         except APIError as exc:
@@ -240,6 +236,22 @@ class _Stream:
             self.run.cancel()
             self.tracker.close()
         yield "[DONE]"
+
+    def _batch(self, batch: list[tuple[int, object]]) -> list[str]:
+        """Apply a batch of events; one delta chunk per choice (plus its finish chunk)."""
+        texts: dict[int, list[str]] = {}
+        finished: list[int] = []
+        for index, event in batch:
+            self.tracker.see(index, event)
+            state = self.states[index]
+            was_open = state.finish_reason is None
+            texts.setdefault(index, []).append(_apply(self.run, state, event))
+            if was_open and state.finish_reason is not None:
+                finished.append(index)
+        out: list[str] = []
+        for index, parts in texts.items():
+            out += self.deltas(self.states[index], "".join(parts), index in finished)
+        return out
 
     def opening(self) -> list[dict]:
         return []
@@ -253,13 +265,15 @@ class _CompletionStream(_Stream):
                 out.append(self.r.completion_chunk(s.index, s.echo, None))
         return out
 
-    def deltas(self, s: ChoiceState, text: str, finished: bool) -> list[dict]:
+    def deltas(self, s: ChoiceState, text: str, finished: bool) -> list[str]:
         out = []
         lp = _completion_lp(self.plan, s, s.take_records(final=finished))
-        if text or lp:
-            out.append(self.r.completion_chunk(s.index, text, None, lp))
+        if lp:
+            out.append(json.dumps(self.r.completion_chunk(s.index, text, None, lp)))
+        elif text:
+            out.append(self.r.text_chunk("completion", s.index, text))
         if finished:
-            out.append(self.r.completion_chunk(s.index, "", s.finish_reason))
+            out.append(json.dumps(self.r.completion_chunk(s.index, "", s.finish_reason)))
         return out
 
     def usage_chunk(self, use) -> dict:
@@ -270,14 +284,16 @@ class _ChatStream(_Stream):
     def opening(self) -> list[dict]:
         return [self.r.chat_chunk(s.index, Delta(role="assistant", content=""), None) for s in self.states]
 
-    def deltas(self, s: ChoiceState, text: str, finished: bool) -> list[dict]:
+    def deltas(self, s: ChoiceState, text: str, finished: bool) -> list[str]:
         out = []
         records = s.take_records(final=finished)
         lp = chat_logprobs(records) if self.plan.logprobs is not None and records else None
-        if text or lp:
-            out.append(self.r.chat_chunk(s.index, Delta(content=text), None, lp))
+        if lp:
+            out.append(json.dumps(self.r.chat_chunk(s.index, Delta(content=text), None, lp)))
+        elif text:
+            out.append(self.r.text_chunk("chat", s.index, text))
         if finished:
-            out.append(self.r.chat_chunk(s.index, Delta(), s.finish_reason))
+            out.append(json.dumps(self.r.chat_chunk(s.index, Delta(), s.finish_reason)))
         return out
 
     def usage_chunk(self, use) -> dict:

@@ -36,8 +36,9 @@ def _respond(result, request: Request) -> JSONResponse | EventSourceResponse:
 
 
 async def _sse(payloads):
+    """Pre-encoded SSE events (`data: <json>` + blank line), so nothing is re-serialised per token."""
     async for data in payloads:
-        yield {"data": data}
+        yield f"data: {data}\r\n\r\n".encode()
 
 
 @router.post("/completions")

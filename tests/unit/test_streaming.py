@@ -98,3 +98,17 @@ def test_any_byte_split_stops_where_a_stop_first_completes(text, cuts, stops):
 def test_whole_text_in_one_piece_cuts_at_the_earliest_stop():
     assert run([b"a#a"], ["#", "a#a"])[0] == ""
     assert run([b"a#", b"a"], ["#", "a#a"])[0] == "a"  # "#" completed first: generation stops there
+
+
+def test_fast_text_chunks_equal_the_protocol_models():
+    import json
+
+    from server.protocol import Delta
+    from server.render import Renderer
+
+    for usage in (False, True):
+        r = Renderer("chatcmpl-1", 123, "m", usage)
+        for text in ["", "plain", 'quote " and \\ backslash', "é日😀", "\x00\n\t", "\u2028"]:
+            for index in (0, 3):
+                assert json.loads(r.text_chunk("chat", index, text)) == r.chat_chunk(index, Delta(content=text), None)
+                assert json.loads(r.text_chunk("completion", index, text)) == r.completion_chunk(index, text, None)
