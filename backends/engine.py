@@ -120,7 +120,8 @@ class Engine:
         greedy = params.greedy
         top_k = 1 if greedy else (params.top_k if 0 < params.top_k <= self.n_vocab else self.n_vocab)
         temperature = 1.0 if greedy else params.temperature
-        last = self.context[-params.last_n_tokens :] if params.last_n_tokens > 0 else []
+        penalised = params.repetition_penalty != 1.0 and params.last_n_tokens > 0
+        last = self.context[-params.last_n_tokens :] if penalised else []
         arr = (ctypes.c_int * len(last))(*last)
         return self._lib.ctransformers_llm_sample(
             self._ptr, arr, len(last), top_k, params.top_p, temperature,
@@ -179,10 +180,12 @@ class Engine:
             if deadline is not None and time.monotonic() > deadline:
                 timed_out = True
                 break
-            logits = self.logits()
-            lp = top_logprobs(logits, job.logprobs) if job.logprobs is not None else None
-            if shaping:
-                shape_logits(logits, params, counts)
+            lp = None
+            if shaping or job.logprobs is not None:  # only then is a numpy view of the logits needed
+                logits = self.logits()
+                lp = top_logprobs(logits, job.logprobs) if job.logprobs is not None else None
+                if shaping:
+                    shape_logits(logits, params, counts)
             token = self.sample(params, produced)
             if self.is_eos(token):
                 reason = FinishReason.STOP

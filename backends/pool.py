@@ -6,12 +6,14 @@ import asyncio
 import itertools
 import logging
 import multiprocessing as mp
+import pickle
 import time
 from collections import deque
 
 from backends.jobs import JobHandle, ModelUnavailable, PoolModel, PoolPolicy, QueueFull, WorkerProc
 from backends.types import ErrorKind, Failed, Finished, FinishReason, GenerationJob, Tokens
-from backends.worker import worker_main
+from backends.ggml.reader import read_vocab
+from backends.worker import TOKEN_MESSAGE, TOKEN_TAG, worker_main
 
 log = logging.getLogger(__name__)
 _SPAWN = mp.get_context("spawn")
@@ -30,6 +32,7 @@ class ModelPool:
         self.restarts = 0
         self.crashes: deque[float] = deque()  # times of recent worker deaths
         self.unavailable_until = 0.0
+        self.pieces = read_vocab(spec.path)  # token id -> bytes, to decode the workers' token messages
         self._closing = False
         self._ids = itertools.count(1)
 
@@ -83,9 +86,15 @@ class ModelPool:
     # ---- events from workers ----------------------------------------------------------------
     def _readable(self, worker: WorkerProc) -> None:
         """Drain every complete message a worker has sent."""
+        conn, pieces = worker.conn, self.pieces
         try:
-            while worker.conn.poll():
-                self._on_message(worker, worker.conn.recv())
+            while conn.poll():
+                data = conn.recv_bytes()
+                if data[0] == TOKEN_TAG and len(data) == TOKEN_MESSAGE.size:
+                    _, job_id, token = TOKEN_MESSAGE.unpack(data)
+                    self._on_message(worker, Tokens(job_id, [token], [pieces[token]]))
+                else:
+                    self._on_message(worker, pickle.loads(data))
         except (EOFError, OSError):
             self._unwatch_conn(worker)
 

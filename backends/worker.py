@@ -7,7 +7,14 @@ import os
 import signal
 from multiprocessing.connection import Connection
 
-from backends.types import ErrorKind, Failed, GenerationJob
+import struct
+
+from backends.types import ErrorKind, Failed, GenerationJob, Tokens
+
+# One generated token, without pickling: tag byte, job id, token id. Pickled messages start with
+# 0x80, so the first byte tells the two apart.
+TOKEN_TAG = ord("T")
+TOKEN_MESSAGE = struct.Struct("<Bii")
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +65,13 @@ def run_job(conn: Connection, engine, job: GenerationJob) -> bool:
                 cancelled = exiting = True
         return cancelled
 
+    send, send_bytes, pack = conn.send, conn.send_bytes, TOKEN_MESSAGE.pack
     try:
         for event in engine.run(job, should_stop):
-            conn.send(event)
+            if event.__class__ is Tokens and event.logprobs is None and len(event.ids) == 1:
+                send_bytes(pack(TOKEN_TAG, event.job_id, event.ids[0]))  # the hot path: 9 bytes
+            else:
+                send(event)
     except (BrokenPipeError, EOFError, OSError):
         raise SystemExit(0)  # the server is gone
     except Exception as exc:
