@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 EOS = b"<|endoftext|>"
+RANDOM_EOS_ID = 292  # <|endoftext|> in default_vocab (write_random's vocabulary)
+NO_EOS = {"logit_bias": {str(RANDOM_EOS_ID): -100}}  # request fields: never stop before max_tokens
 EXTRA = [b"Hi", b" there", b" done", b" Hello", b" world"]
 
 

@@ -8,6 +8,7 @@ import time
 import httpx
 
 from tests.schemas import validate
+from tests.models import NO_EOS
 
 
 def worker_pid(server, model: str) -> int:
@@ -27,7 +28,7 @@ def wait_ready(server, model: str, old_pid: int) -> None:
 
 def test_killed_worker_ends_the_stream_with_an_error_event_then_done(client, server):
     pid = worker_pid(server, "slow")
-    body = {"model": "slow", "prompt": "Once", "max_tokens": 1800, "stream": True}
+    body = {"model": "slow", "prompt": "Once", "max_tokens": 1800, "stream": True, **NO_EOS}
     payloads = []
     with httpx.stream("POST", server.url + "/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
@@ -54,7 +55,7 @@ def test_killed_worker_fails_a_plain_request_with_500(client, server):
     import threading
     killer = threading.Timer(0.5, os.kill, (pid, signal.SIGKILL))
     killer.start()
-    r = client.post("/completions", json={"model": "slow", "prompt": "Once", "max_tokens": 1800})
+    r = client.post("/completions", json={"model": "slow", "prompt": "Once", "max_tokens": 1800, **NO_EOS})
     killer.join()
     assert r.status_code == 500
     validate("error", r.json())
@@ -79,7 +80,7 @@ def test_kill_one_of_two_workers_mid_stream_only_its_request_fails(model_files, 
         started = threading.Barrier(3)
 
         def run(i: int) -> None:
-            body = {"model": "slow", "prompt": "Once", "max_tokens": 500, "stream": True, "seed": i}
+            body = {"model": "slow", "prompt": "Once", "max_tokens": 500, "stream": True, "seed": i, **NO_EOS}
             payloads: list[str] = []
             with httpx.stream("POST", srv.url + "/completions", json=body, timeout=60) as r:
                 for line in r.iter_lines():

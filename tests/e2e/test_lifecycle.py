@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import REGISTRY, start_server, stop_server
+from tests.models import NO_EOS
 
 
 def make_server(model_files, d: Path, **env) -> object:
@@ -70,7 +71,7 @@ def test_sigterm_lets_in_flight_streams_finish_and_leaves_no_processes(model_fil
     assert len(pids) == 4
     payloads = []
     with httpx.stream("POST", srv.url + "/completions", timeout=60, json={
-            "model": "slow", "prompt": "Once", "max_tokens": 400, "stream": True}) as r:
+            "model": "slow", "prompt": "Once", "max_tokens": 400, "stream": True, **NO_EOS}) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 payloads.append(line[6:])

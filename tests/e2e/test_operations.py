@@ -6,6 +6,7 @@ import pytest
 
 from tests.e2e.conftest import REGISTRY, start_server, stop_server
 from tests.schemas import validate
+from tests.models import NO_EOS
 
 KEY = "sk-test-0123456789"
 
@@ -80,7 +81,7 @@ def test_body_cap_is_413(keyed):
 def test_generation_time_limit_ends_with_length(keyed):
     auth = {"Authorization": f"Bearer {KEY}"}
     r = httpx.post(keyed.url + "/completions", headers=auth, timeout=30,
-                   json={"model": "slow", "prompt": "Once", "max_tokens": 1800})
+                   json={"model": "slow", "prompt": "Once", "max_tokens": 1800, **NO_EOS})
     assert r.status_code == 200
     body = r.json()
     assert body["choices"][0]["finish_reason"] == "length"
@@ -93,7 +94,7 @@ def test_queue_timeout_is_503_also_for_streams(keyed):
     import time
 
     auth = {"Authorization": f"Bearer {KEY}"}
-    long = {"model": "slow", "prompt": "Once", "max_tokens": 1800}
+    long = {"model": "slow", "prompt": "Once", "max_tokens": 1800, **NO_EOS}
     holder = threading.Thread(target=httpx.post, args=(keyed.url + "/completions",),
                               kwargs={"headers": auth, "timeout": 30, "json": long})
     holder.start()

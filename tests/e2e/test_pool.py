@@ -6,8 +6,9 @@ import time
 import httpx
 
 from tests.schemas import validate
+from tests.models import NO_EOS
 
-LONG = {"model": "slow", "prompt": "Once upon a time", "max_tokens": 1800, "temperature": 1.0,
+LONG = {"model": "slow", "prompt": "Once upon a time", "max_tokens": 1800, "temperature": 1.0, **NO_EOS,
         "seed": 1}
 
 
