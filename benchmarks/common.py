@@ -7,6 +7,7 @@ import json
 import math
 import os
 import platform
+import socket
 import subprocess
 import sys
 import time
@@ -129,49 +130,125 @@ def children(pid: int) -> list[int]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads, live and ended)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """CPU seconds of a process (all its threads, live and ended), to the nanosecond."""
+    try:
+        return time.clock_gettime(((~pid) << 3) | 2)  # Linux's process CPU clock (CPUCLOCK_SCHED)
+    except OSError:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def descendants(pid: int) -> list[int]:
+    """All descendant pids of a process."""
+    out, todo = [], [pid]
+    while todo:
+        try:
+            kids = children(todo.pop())
+        except OSError:
+            continue
+        out += kids
+        todo += kids
+    return out
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and all its descendants (those still alive)."""
+    total = 0.0
+    for p in [pid, *descendants(pid)]:
+        try:
+            total += cpu_seconds(p)
+        except OSError:
+            pass
+    return total
+
+
+def _system_busy() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all CPUs)."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(f[:8]) - f[3] - f[4]) / CLK_TCK
+
+
+EXITED_CPU = [0.0]  # CPU seconds of our helper processes that have already exited (see RawProcs.close)
+
+
+class Contention:
+    """Measures how much CPU other processes used during a phase (the machine is shared)."""
+
+    def __enter__(self) -> "Contention":
+        self.t, self.busy = time.monotonic(), _system_busy()
+        self.ours = tree_cpu(os.getpid()) + EXITED_CPU[0]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.monotonic() - self.t
+        busy, ours = _system_busy() - self.busy, tree_cpu(os.getpid()) + EXITED_CPU[0] - self.ours
+        foreign = max(0.0, busy - ours)
+        self.result = {"seconds": round(wall, 1), "busy_cpu_s": round(busy, 2), "our_cpu_s": round(ours, 2),
+                       "foreign_cpu_s": round(foreign, 2),
+                       "foreign_share": round(foreign / (wall * (os.cpu_count() or 1)), 3)}
 
 
 # ---- a light HTTP client (stdlib; its CPU cost competes with the engine on 2 cores) ------------------
 
 def post_stream(port: int, path: str, body: dict, timeout: float = 600, collect: bool = False) -> dict:
-    """POST a streaming request; times the first text chunk and the end; returns timings and usage."""
+    """POST a streaming request over a raw socket; times the first text and the end; returns usage.
+
+    Until the first text arrives each event is parsed; after that the client only receives bytes
+    (one recv per chunk), so its CPU cost, which competes with the engine on 2 cores, stays small.
+    """
     payload = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    t0 = time.monotonic()
-    conn.request("POST", path, payload, {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    if resp.status != 200:
-        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
-    ttft = None
-    chunks = 0
-    last = b""
-    parts: list[str] = []
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()
     chat = "chat" in path
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    t0 = time.monotonic()
+    sock.sendall(head + payload)
+    parts: list[bytes] = []
+    ttft = None
+    scanned = b""
     while True:
-        line = resp.readline()
-        if not line:
+        data = sock.recv(65536)
+        if not data:
             break
-        if not line.startswith(b"data: "):
-            continue
-        data = line[6:].rstrip()
-        if data == b"[DONE]":
-            break
-        chunks += 1
-        if ttft is None and _has_text(data, chat):
-            ttft = time.monotonic() - t0
-        if collect:
-            parts.append(_text(data, chat))
-        last = data
-    t_end = time.monotonic() - t0
-    conn.close()
-    final = json.loads(last)
+        parts.append(data)
+        if ttft is None:
+            scanned += data
+            lines = scanned.split(b"\n")
+            scanned = lines.pop()
+            if any(x.startswith(b"data: {") and _has_text(x[6:], chat) for x in lines):
+                ttft = time.monotonic() - t0
+    total = time.monotonic() - t0
+    sock.close()
+    status, events = _sse_events(b"".join(parts))
+    if status != 200:
+        raise RuntimeError(f"HTTP {status}: {events[:1]!r}")
+    if not events or events[-1] != b"[DONE]":
+        raise RuntimeError(f"stream did not end with [DONE]: {events[-2:]!r}")
+    final = json.loads(events[-2])
     if "error" in final:
         raise RuntimeError(f"stream error: {final['error']}")
-    return {"t0": t0, "ttft": ttft, "total": t_end, "chunks": chunks, "usage": final.get("usage"),
-            "text": "".join(parts)}
+    text = "".join(_text(e, chat) for e in events[:-1]) if collect else ""
+    return {"t0": t0, "ttft": ttft, "total": total, "chunks": len(events) - 1, "usage": final.get("usage"),
+            "text": text}
+
+
+def _sse_events(raw: bytes) -> tuple[int, list[bytes]]:
+    """HTTP status and the SSE data payloads of a whole (chunked) response."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    if b"transfer-encoding: chunked" in head.lower():
+        out, i = [], 0
+        while True:
+            j = body.index(b"\r\n", i)
+            size = int(body[i:j].split(b";")[0], 16)
+            if size == 0:
+                break
+            out.append(body[j + 2 : j + 2 + size])
+            i = j + 2 + size + 2
+        body = b"".join(out)
+    if status != 200:
+        return status, [body[:300]]
+    return status, [x[6:].rstrip(b"\r") for x in body.split(b"\n") if x.startswith(b"data: ")]
 
 
 def _text(data: bytes, chat: bool) -> str:

@@ -110,7 +110,14 @@ class RawProcs:
         return {"tokens": tokens, "seconds": end - start, "tok_s": tokens / (end - start)}
 
     def close(self) -> None:
-        """Stop the processes."""
+        """Stop the processes (their CPU time is noted first, for the contention accounting)."""
+        from benchmarks.common import EXITED_CPU, cpu_seconds
+
+        for p in self.procs:
+            try:
+                EXITED_CPU[0] += cpu_seconds(p.pid)
+            except OSError:
+                pass
         for c in self.conns:
             try:
                 c.send(("exit", None))

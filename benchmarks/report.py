@@ -51,6 +51,10 @@ def summary(res: dict) -> str:
         verdict = "n/a" if t["pass"] is None else ("pass" if t["pass"] else "FAIL")
         lines.append(f"| {t['target']} | {_f(t['value'])} {t['unit']} | {t['op']} {t['limit']:g} {t['unit']} "
                      f"| {verdict} |")
+    noisy = {k: v["foreign_share"] for k, v in res.get("contention", {}).items() if v["foreign_share"] > 0.05}
+    if noisy:
+        lines += ["", "WARNING: other processes used CPU during the run (share of all CPUs: "
+                  + ", ".join(f"{k} {v:.0%}" for k, v in noisy.items()) + "); figures are unreliable."]
     return "\n".join(lines) + "\n"
 
 
@@ -82,9 +86,10 @@ def _single_md(name: str, s: dict) -> list[str]:
 def _sweep_md(sw: dict) -> list[str]:
     d = sw["derived"]
     ceil = d["ceiling"]
-    out = [f"### Concurrency sweep (realistic model, {sw['tokens']} tokens per request, {sw['per_client']} "
-           f"requests per client, {sw['reps']} reps)", "",
-           f"Raw ceiling ({sw['ceiling_at'] * sw['per_client']} requests): 1 process x 2 threads "
+    each = max(sw["per_client"], -(-sw.get("min_requests", 1) // sw["ceiling_at"]))
+    out = [f"### Concurrency sweep (realistic model, {sw['tokens']} tokens per request, each client sends "
+           f"max({sw['per_client']}, ceil({sw.get('min_requests', 1)} / clients)) requests, {sw['reps']} reps)", "",
+           f"Raw ceiling ({sw['ceiling_at'] * each} requests): 1 process x 2 threads "
            f"{_f(ceil['raw_1x2'], '.1f')} tok/s, 2 processes x 1 thread {_f(ceil['raw_2x1'], '.1f')} tok/s.", "",
            "| pool | clients | aggregate tok/s | vs best raw | TTFT p50 / p95 / p99 ms | "
            "latency p50 / p95 / p99 ms | errors |", "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -123,7 +128,13 @@ def markdown(res: dict) -> str:
     for name, m in res["models"].items():
         out.append(f"| {name} | {m['n_embd']} x {m['n_layer']} | {m['ftype']} | {m['n_vocab']} "
                    f"({m['vocab_source']}) | {m['file_bytes'] / 1e6:.1f} MB |")
-    out += ["", "## Targets", "", summary(res).split("\n", 2)[2], "## Details", ""]
+    out += ["", "## Targets", "", summary(res).split("\n", 2)[2], "## Other processes during each phase", "",
+            "| phase | seconds | machine busy CPU s | ours | others | others' share of all CPUs |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for k, v in res.get("contention", {}).items():
+        out.append(f"| {k} | {v['seconds']} | {v['busy_cpu_s']} | {v['our_cpu_s']} | {v['foreign_cpu_s']} | "
+                   f"{v['foreign_share']:.1%} |")
+    out += ["", "## Details", ""]
     for name in ("tiny", "real"):
         if f"single_{name}" in res:
             out += _single_md({"tiny": "tiny", "real": "realistic"}[name], res[f"single_{name}"])

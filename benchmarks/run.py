@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import signal
+import sys
 import tempfile
 import threading
 import time
@@ -24,11 +27,11 @@ from benchmarks.raw import RawEngine, RawProcs, sequential
 
 LEVELS = [1, 2, 4, 8, 16]
 CEILING_AT = 8
-PROFILES = {
-    "quick": {"tiny": (256, 5), "real": (48, 3), "sweep_tokens": 32, "per_client": 1, "sweep_reps": 1,
-              "chat_reps": 1, "chat_answer": 16, "chat_user_words": 60, "turns": 5},
-    "full": {"tiny": (512, 15), "real": (128, 7), "sweep_tokens": 64, "per_client": 2, "sweep_reps": 2,
-             "chat_reps": 3, "chat_answer": 32, "chat_user_words": 80, "turns": 5},
+PROFILES = {  # tokens x reps for single streams; per-level request counts for the sweep
+    "quick": {"tiny": (256, 5), "real": (48, 3), "sweep_tokens": 24, "per_client": 1, "min_requests": 2,
+              "sweep_reps": 1, "chat_reps": 1, "chat_answer": 16, "chat_user_words": 60, "turns": 5},
+    "full": {"tiny": (512, 11), "real": (96, 7), "sweep_tokens": 48, "per_client": 1, "min_requests": 4,
+             "sweep_reps": 2, "chat_reps": 3, "chat_answer": 32, "chat_user_words": 80, "turns": 5},
 }
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 BASE = ("The old harbour town was quiet in the early morning, and the fishermen walked down to the "
@@ -169,9 +172,12 @@ def client_level(port: int, model_id: str, clients: int, per_client: int, n: int
             "ttft": [r["ttft"] for r in results], "latency": [r["total"] for r in results]}
 
 
-def sweep(port: int, shapes: dict[str, str], path: Path, n: int, per_client: int, reps: int,
-          prompts: Prompts) -> dict:
-    """Concurrency sweep per pool shape, with the raw ceiling (1 proc x 2 threads, 2 procs x 1 thread)."""
+def sweep(port: int, shapes: dict[str, str], path: Path, n: int, per_client: int, min_requests: int,
+          reps: int, prompts: Prompts) -> dict:
+    """Concurrency sweep per pool shape, with the raw ceiling (1 proc x 2 threads, 2 procs x 1 thread).
+
+    At each level every client sends max(per_client, ceil(min_requests / clients)) requests back to back.
+    """
     raw1 = RawEngine(path, threads=2)
     raw2 = RawProcs(path, procs=2, threads=1)
     eos = raw1.eos
@@ -182,8 +188,9 @@ def sweep(port: int, shapes: dict[str, str], path: Path, n: int, per_client: int
     raw2.run(prompts.many(2), n)
     for rep in range(reps):
         for k in LEVELS:
+            each = max(per_client, -(-min_requests // k))
             if k == CEILING_AT:
-                count = CEILING_AT * per_client
+                count = CEILING_AT * each
                 pair = [("raw_1x2", lambda: sequential(raw1, prompts.many(count), n)),
                         ("raw_2x1", lambda: raw2.run(prompts.many(count), n))]
                 for name, fn in (pair if rep % 2 == 0 else pair[::-1]):
@@ -191,13 +198,14 @@ def sweep(port: int, shapes: dict[str, str], path: Path, n: int, per_client: int
                     c.log(f"  raw {name}: {ceiling[name][-1]['tok_s']:.1f} tok/s")
             order = list(shapes.items()) if (rep + k) % 2 == 0 else list(shapes.items())[::-1]
             for shape, model_id in order:
-                r = client_level(port, model_id, k, per_client, n, eos, prompts)
+                r = client_level(port, model_id, k, each, n, eos, prompts)
                 levels[shape][k].append(r)
                 c.log(f"  {shape} x{k}: {r['tok_s']:.1f} tok/s, ttft p50 "
                       f"{c.median(r['ttft']) * 1e3:.0f} ms")
     raw1.close()
     raw2.close()
-    return {"tokens": n, "per_client": per_client, "reps": reps, "levels": LEVELS, "ceiling_at": CEILING_AT,
+    return {"tokens": n, "per_client": per_client, "min_requests": min_requests, "reps": reps,
+            "levels": LEVELS, "ceiling_at": CEILING_AT,
             "shapes": {s: {"model": m} for s, m in shapes.items()},
             "runs": {s: {str(k): v for k, v in lv.items()} for s, lv in levels.items()},
             "ceiling_runs": ceiling, "derived": derive_sweep(levels, ceiling)}
@@ -276,6 +284,17 @@ def peer(quick: bool, tokens: int) -> dict:
         return {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
 
 
+def wait_quiet(limit: float) -> None:
+    """Wait (up to limit seconds) for a quiet machine: 2 engine threads on 2 busy cores collapse."""
+    deadline = time.monotonic() + limit
+    while os.getloadavg()[0] >= 1.0 and time.monotonic() < deadline:
+        time.sleep(5)
+    load = os.getloadavg()[0]
+    if load >= 1.0:
+        c.log(f"WARNING: load average {load:.2f} on {os.cpu_count()} CPUs: other work competes with the "
+              "engine threads and the figures will be noisy (2-thread engines can collapse)")
+
+
 def registry_entries(tiny: Path, real: Path) -> list[dict]:
     """The served models: tiny 1x2, realistic 1x2 and 2x1, and two chat entries (prefix cache on/off)."""
     chat = {"path": str(real), "prompt_template": "gpt4all-j", "workers": 1, "threads": 2}
@@ -296,7 +315,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="fewer reps, shorter generations (~2 min)")
     ap.add_argument("--peer", action="store_true", help="also run the llama-cpp-python peer comparison")
     ap.add_argument("--out", type=Path, default=c.RESULTS, help="results folder")
+    ap.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                    help="first wait up to this long for the 1-minute load average to fall below 1")
     args = ap.parse_args(argv)
+    wait_quiet(args.wait_quiet)
     prof = PROFILES["quick" if args.quick else "full"]
     started = time.monotonic()
     results: dict = {"meta": c.metadata() | {"mode": "quick" if args.quick else "full", "profile": prof}}
@@ -305,6 +327,9 @@ def main(argv: list[str] | None = None) -> dict:
     results["models"] = {"tiny": tiny_meta, "real": real_meta}
     eos_real = c.eos_id(real)
     prompts = Prompts()
+    contention: dict = {}
+    results["contention"] = contention
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the server is stopped on SIGTERM too
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         registry = c.write_registry(Path(tmp) / "registry.yaml", registry_entries(tiny, real))
         c.log("starting the server")
@@ -314,14 +339,22 @@ def main(argv: list[str] | None = None) -> dict:
             for name, path, model_id in (("tiny", tiny, "tiny"), ("real", real, "real-1x2")):
                 n, reps = prof[name]
                 c.log(f"single stream: {name} model, {n} tokens x {reps} reps")
-                results[f"single_{name}"] = single_stream(port, pid, model_id, path, n, reps, prompts)
-                c.log(f"  {json.dumps(results[f'single_{name}']['derived'])}")
+                with c.Contention() as busy:
+                    results[f"single_{name}"] = single_stream(port, pid, model_id, path, n, reps, prompts)
+                contention[f"single_{name}"] = busy.result
+                c.log(f"  {json.dumps(results[f'single_{name}']['derived'])}; other processes: {busy.result}")
             c.log("concurrency sweep")
-            results["sweep"] = sweep(port, {"1x2": "real-1x2", "2x1": "real-2x1"}, real, prof["sweep_tokens"],
-                                     prof["per_client"], prof["sweep_reps"], prompts)
-            c.log("multi-turn chat")
-            results["chat"] = chat(port, {"on": "chat-on", "off": "chat-off"}, eos_real, prof["turns"],
-                                   prof["chat_reps"], prof["chat_answer"], prof["chat_user_words"])
+            with c.Contention() as busy:
+                results["sweep"] = sweep(port, {"1x2": "real-1x2", "2x1": "real-2x1"}, real,
+                                         prof["sweep_tokens"], prof["per_client"], prof["min_requests"],
+                                         prof["sweep_reps"], prompts)
+            contention["sweep"] = busy.result
+            c.log(f"multi-turn chat (other processes during the sweep: {busy.result})")
+            with c.Contention() as busy:
+                results["chat"] = chat(port, {"on": "chat-on", "off": "chat-off"}, eos_real, prof["turns"],
+                                       prof["chat_reps"], prof["chat_answer"], prof["chat_user_words"])
+            contention["chat"] = busy.result
+            c.log(f"other processes during the chat: {busy.result}")
         finally:
             c.stop(server)
             lines = server.logs().splitlines()
@@ -333,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         results["peer"] = {"status": "skipped", "error": "run with --peer"}
     results["meta"]["seconds"] = round(time.monotonic() - started, 1)
-    results["meta"]["load_average_end"] = list(__import__("os").getloadavg())
+    results["meta"]["load_average_end"] = list(os.getloadavg())
     summary = report.write_all(results, args.out)
     print(summary)
     return results
