@@ -340,7 +340,7 @@ async def _sweep(raw: RawEngine, srv: PeerServer, levels, tokens: int, min_reque
 def run_peer(concurrency=(1, 2, 4, 8, 16), tokens: int = 128, threads: int = 2, quick: bool = False) -> dict:
     """Peer figures: llama-cpp-python server vs its raw engine (ABAB), and a concurrency sweep."""
     tokens = min(tokens, 32) if quick else tokens
-    reps, min_requests, cfg = (3, 1, MODEL) if quick else (7, 16, MODEL)  # min_requests: per level
+    (reps, min_requests), cfg = (3, 1) if quick else (7, 16), MODEL  # min_requests: per level
     py = ensure_peer_venv()
     model = model_file(cfg)
     logdir = PEER_VENV.parent / "logs"

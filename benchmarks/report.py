@@ -51,6 +51,12 @@ def summary(res: dict) -> str:
         verdict = "n/a" if t["pass"] is None else ("pass" if t["pass"] else "FAIL")
         lines.append(f"| {t['target']} | {_f(t['value'])} {t['unit']} | {t['op']} {t['limit']:g} {t['unit']} "
                      f"| {verdict} |")
+    diag = res.get("single_tiny_1t", {}).get("derived")
+    if diag:
+        lines += ["", "Diagnostic (not a target): the tiny model on 1 worker x 1 thread vs the raw engine on 1 thread: "
+                  f"{_f(diag['stream_ratio'], '.2f')}x tok/s streamed, "
+                  f"{_f(diag['stream_overhead_us_per_token'], '.0f')} us/token, "
+                  f"TTFT overhead {_f(diag['ttft_overhead_ms'], '.1f')} ms."]
     noisy = {k: v["foreign_share"] for k, v in res.get("contention", {}).items() if v["foreign_share"] > 0.05}
     if noisy:
         lines += ["", "WARNING: other processes used CPU during the run (share of all CPUs: "
@@ -61,10 +67,11 @@ def summary(res: dict) -> str:
 def _single_md(name: str, s: dict) -> list[str]:
     d = s["derived"]
     cpu = s["cpu_seconds"]
-    n, reps = s["tokens"], s["reps"]
+    n, reps, th = s["tokens"], s["reps"], s.get("threads", 2)
     per_tok = {m: {k: v / (n * reps) * 1e6 for k, v in cpu[m].items()} for m in cpu}
     return [
-        f"### Single stream, {name} model ({n} tokens, {reps} reps, 1 worker x 2 threads vs raw 2 threads)", "",
+        f"### Single stream, {name} model ({n} tokens, {reps} reps, 1 worker x {th} thread{'s' * (th > 1)} vs raw "
+        f"{th} thread{'s' * (th > 1)})", "",
         "| | raw engine | server, streamed | server, not streamed |", "| --- | --- | --- | --- |",
         f"| tokens/s (median) | {_f(d['raw_tok_s'], '.1f')} | {_f(d['stream_tok_s'], '.1f')} | "
         f"{_f(d['json_tok_s'], '.1f')} |",
@@ -135,9 +142,9 @@ def markdown(res: dict) -> str:
         out.append(f"| {k} | {v['seconds']} | {v['busy_cpu_s']} | {v['our_cpu_s']} | {v['foreign_cpu_s']} | "
                    f"{v['foreign_share']:.1%} |")
     out += ["", "## Details", ""]
-    for name in ("tiny", "real"):
+    for name, label in (("tiny", "tiny"), ("tiny_1t", "tiny (diagnostic)"), ("real", "realistic")):
         if f"single_{name}" in res:
-            out += _single_md({"tiny": "tiny", "real": "realistic"}[name], res[f"single_{name}"])
+            out += _single_md(label, res[f"single_{name}"])
     if "sweep" in res:
         out += _sweep_md(res["sweep"])
     if "chat" in res:

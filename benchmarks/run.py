@@ -78,9 +78,9 @@ class CPU:
 
 
 def single_stream(port: int, server_pid: int, model_id: str, path: Path, n: int, reps: int,
-                  prompts: Prompts) -> dict:
+                  prompts: Prompts, threads: int = 2) -> dict:
     """Raw engine vs server (streamed and not), same model/threads/sampling/N, ABAB with medians."""
-    raw = RawEngine(path, threads=2)
+    raw = RawEngine(path, threads=threads)
     eos = raw.eos
     cpu = CPU(server_pid)
     modes = ["raw", "stream", "json"]
@@ -113,7 +113,7 @@ def single_stream(port: int, server_pid: int, model_id: str, path: Path, n: int,
             rows[m].append({k: r[k] for k in ("ttft", "total", "tokens") if k in r} |
                            {"first_token": r.get("first_token")})
     raw.close()
-    return {"model": model_id, "tokens": n, "reps": reps, "threads": 2, "runs": rows,
+    return {"model": model_id, "tokens": n, "reps": reps, "threads": threads, "runs": rows,
             "cpu_seconds": {m: dict(zip(("this_process", "server_main", "workers"), v))
                             for m, v in spent.items()},
             "derived": derive_single(rows, n)}
@@ -296,10 +296,11 @@ def wait_quiet(limit: float) -> None:
 
 
 def registry_entries(tiny: Path, real: Path) -> list[dict]:
-    """The served models: tiny 1x2, realistic 1x2 and 2x1, and two chat entries (prefix cache on/off)."""
+    """The served models: tiny 1x2 and 1x1, realistic 1x2 and 2x1, two chat entries (prefix cache on/off)."""
     chat = {"path": str(real), "prompt_template": "gpt4all-j", "workers": 1, "threads": 2}
     return [
         {"id": "tiny", "path": str(tiny), "workers": 1, "threads": 2},
+        {"id": "tiny-1x1", "path": str(tiny), "workers": 1, "threads": 1},
         {"id": "real-1x2", "path": str(real), "workers": 1, "threads": 2},
         {"id": "real-2x1", "path": str(real), "workers": 2, "threads": 1},
         {"id": "chat-on", **chat, "prefix_cache": True},
@@ -336,11 +337,15 @@ def main(argv: list[str] | None = None) -> dict:
         server = c.start(registry, Path(tmp) / "server.log")
         port, pid = c.port_of(server), server.proc.pid
         try:
-            for name, path, model_id in (("tiny", tiny, "tiny"), ("real", real, "real-1x2")):
-                n, reps = prof[name]
-                c.log(f"single stream: {name} model, {n} tokens x {reps} reps")
+            # tiny_1t (1 worker x 1 thread vs raw 1 thread) is a diagnostic: the server's own overhead
+            # without ggml's two-thread spin barriers competing with the server for the 2 cores
+            for name, path, model_id, threads in (("tiny", tiny, "tiny", 2), ("tiny_1t", tiny, "tiny-1x1", 1),
+                                                  ("real", real, "real-1x2", 2)):
+                n, reps = prof[name.split("_")[0]]
+                c.log(f"single stream: {name} model, {threads} thread(s), {n} tokens x {reps} reps")
                 with c.Contention() as busy:
-                    results[f"single_{name}"] = single_stream(port, pid, model_id, path, n, reps, prompts)
+                    results[f"single_{name}"] = single_stream(port, pid, model_id, path, n, reps, prompts,
+                                                              threads)
                 contention[f"single_{name}"] = busy.result
                 c.log(f"  {json.dumps(results[f'single_{name}']['derived'])}; other processes: {busy.result}")
             c.log("concurrency sweep")
