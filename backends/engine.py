@@ -80,11 +80,6 @@ class Engine:
         n = self._lib.ctransformers_llm_tokenize(self._ptr, data, False, buf)
         return buf[:n]
 
-    def detokenize(self, ids: list[int]) -> bytes:
-        """Raw bytes of a token sequence."""
-        pieces = self.pieces
-        return b"".join(pieces[i] if 0 <= i < len(pieces) else b"" for i in ids)
-
     def _eval(self, tokens: list[int]) -> None:
         """Evaluate tokens after the cached context."""
         if not tokens:

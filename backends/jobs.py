@@ -61,14 +61,6 @@ class JobHandle:
             self.done = True
         self._events.put_nowait((self.tag, event))
 
-    async def events(self):
-        """Yield events until the job finishes or fails (when no shared sink was given)."""
-        while True:
-            _tag, event = await self._events.get()
-            yield event
-            if isinstance(event, (Finished, Failed)):
-                return
-
     def cancel(self) -> None:
         """Stop the job: drop it from the queue or stop its worker between tokens."""
         if not self.done:
