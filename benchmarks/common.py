@@ -86,6 +86,40 @@ def eos_id(path: Path) -> int:
     return read_vocab(path).index(b"<|endoftext|>")
 
 
+# ---- prompts and requests ----------------------------------------------------------------------
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+BASE = ("The old harbour town was quiet in the early morning, and the fishermen walked down to the "
+        "boats while the")
+WORDS = ("the a of and to in is was for on with as by at from that this it be are were river city house "
+         "garden road window market story music water light stone winter summer friend teacher doctor "
+         "question answer morning evening history science bridge forest mountain village").split()
+SYSTEM = ("You are a helpful assistant. Answer the questions of the user clearly, in a few sentences, and "
+          "keep the conversation friendly and on topic.")
+
+
+class Prompts:
+    """Prompts whose first token differs from the previous ones' (no accidental prefix reuse)."""
+
+    def __init__(self) -> None:
+        self.k = 0
+
+    def next(self) -> str:
+        """The next prompt."""
+        self.k += 1
+        return f"{LETTERS[self.k % len(LETTERS)]} {BASE}"
+
+    def many(self, n: int) -> list[str]:
+        """n prompts."""
+        return [self.next() for _ in range(n)]
+
+
+def completion_body(model: str, prompt: str, n: int, eos: int) -> dict:
+    """A greedy completion of exactly n tokens (EOS banned)."""
+    return {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "seed": 0,
+            "logit_bias": {str(eos): -100}}
+
+
 # ---- the server under test -------------------------------------------------------------------------
 
 def write_registry(path: Path, entries: list[dict]) -> Path:
@@ -166,6 +200,13 @@ def _system_busy() -> float:
     """CPU seconds the whole machine has spent busy since boot (all CPUs)."""
     f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     return (sum(f[:8]) - f[3] - f[4]) / CLK_TCK
+
+
+def busy_share(seconds: float = 2.0) -> float:
+    """Share of all CPUs that were busy over the next `seconds` (whoever used them)."""
+    t, busy = time.monotonic(), _system_busy()
+    time.sleep(seconds)
+    return (_system_busy() - busy) / ((time.monotonic() - t) * (os.cpu_count() or 1))
 
 
 EXITED_CPU = [0.0]  # CPU seconds of our helper processes that have already exited (see RawProcs.close)

@@ -25,8 +25,10 @@ def targets(res: dict) -> list[dict]:
         "median of paired raw/server time ratios")
     add("server overhead per token (tiny model, streamed)", tiny.get("stream_overhead_us_per_token"), "<=",
         50, "us", "median of paired (t_server - t_raw) / N")
-    add("TTFT overhead (tiny model, streamed)", tiny.get("ttft_overhead_ms"), "<=", 2, "ms",
-        "median of paired server TTFT - raw time to first text")
+    probe = res.get("single_tiny", {}).get("ttft_probe", {})
+    add(f"TTFT overhead (tiny model, {probe.get('prompt_tokens')}-token prompt, streamed)",
+        probe.get("overhead_ms"), "<=", 2, "ms",
+        "median of paired server TTFT - raw time to first text, same prompt per pair")
     sw = res.get("sweep", {}).get("derived", {})
     if sw:
         best = sw["ceiling"]["best"]
@@ -49,14 +51,15 @@ def summary(res: dict) -> str:
              "| target | measured | goal | result |", "| --- | --- | --- | --- |"]
     for t in targets(res):
         verdict = "n/a" if t["pass"] is None else ("pass" if t["pass"] else "FAIL")
-        lines.append(f"| {t['target']} | {_f(t['value'])} {t['unit']} | {t['op']} {t['limit']:g} {t['unit']} "
+        fmt = {"x": ".3f", "us": ".0f", "ms": ".1f"}.get(t["unit"], ".2f")
+        lines.append(f"| {t['target']} | {_f(t['value'], fmt)} {t['unit']} | {t['op']} {t['limit']:g} {t['unit']} "
                      f"| {verdict} |")
     diag = res.get("single_tiny_1t", {}).get("derived")
     if diag:
-        lines += ["", "Diagnostic (not a target): the tiny model on 1 worker x 1 thread vs the raw engine on 1 thread: "
-                  f"{_f(diag['stream_ratio'], '.2f')}x tok/s streamed, "
+        lines += ["", "Diagnostic (not a target): the tiny model on 1 worker x 1 thread vs the raw engine on "
+                  f"1 thread: {_f(diag['stream_ratio'], '.2f')}x tok/s streamed, "
                   f"{_f(diag['stream_overhead_us_per_token'], '.0f')} us/token, "
-                  f"TTFT overhead {_f(diag['ttft_overhead_ms'], '.1f')} ms."]
+                  f"TTFT overhead {_f(res['single_tiny_1t']['ttft_probe']['overhead_ms'], '.1f')} ms (short prompt)."]
     noisy = {k: v["foreign_share"] for k, v in res.get("contention", {}).items() if v["foreign_share"] > 0.05}
     if noisy:
         lines += ["", "WARNING: other processes used CPU during the run (share of all CPUs: "
@@ -78,8 +81,12 @@ def _single_md(name: str, s: dict) -> list[str]:
         f"| ratio to raw (paired median) | 1 | {_f(d['stream_ratio'], '.3f')} | {_f(d['json_ratio'], '.3f')} |",
         f"| overhead per token, us | 0 | {_f(d['stream_overhead_us_per_token'], '.1f')} | "
         f"{_f(d['json_overhead_us_per_token'], '.1f')} |",
-        f"| TTFT, ms (median) | {_f(d['raw_ttft_ms'])} | {_f(d['stream_ttft_ms'])} | |",
+        f"| TTFT, {s.get('prompt_tokens')}-token prompt, ms (median) | {_f(d['raw_ttft_ms'])} | "
+        f"{_f(d['stream_ttft_ms'])} | |",
         f"| TTFT overhead, ms (paired median) | | {_f(d['ttft_overhead_ms'])} | |",
+        f"| TTFT, {s['ttft_probe']['prompt_tokens']}-token prompt, ms (median of {s['ttft_probe']['reps']}) | "
+        f"{_f(s['ttft_probe']['raw_ms'])} | {_f(s['ttft_probe']['server_ms'])} | |",
+        f"| TTFT overhead, short prompt, ms (paired median) | | {_f(s['ttft_probe']['overhead_ms'])} | |",
         f"| decode-only tok/s ratio (excl. TTFT) | 1 | {_f(d['stream_decode_ratio'], '.3f')} | |",
         f"| CPU us/token: this process (raw engine, or HTTP client) | {_f(per_tok['raw']['this_process'], '.0f')}"
         f" | {_f(per_tok['stream']['this_process'], '.0f')} | {_f(per_tok['json']['this_process'], '.0f')} |",
@@ -129,7 +136,10 @@ def markdown(res: dict) -> str:
            f"{meta['date']}, {meta['cpu']} ({meta['cpus']} CPUs), Python {meta['python']}, "
            + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
            + f"; git {meta['git_commit']}{' (dirty)' if meta['git_dirty'] else ''}; {meta['mode']} run in "
-           f"{meta.get('seconds')} s; load average {meta['load_average_start'][0]:.2f} at start.", "",
+           f"{meta.get('seconds')} s; load average {meta['load_average_start'][0]:.2f} at start"
+           + (f", CPUs {meta['cpu_busy_share_before']:.0%} busy just before"
+              if "cpu_busy_share_before" in meta else "")
+           + ".", "",
            "Every comparison is a ratio of two things measured in this run, alternating (ABAB), medians.", "",
            "## Models", "", "| model | n_embd x layers | ftype | vocab | file |", "| --- | --- | --- | --- | --- |"]
     for name, m in res["models"].items():

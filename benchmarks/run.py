@@ -29,42 +29,11 @@ LEVELS = [1, 2, 4, 8, 16]
 CEILING_AT = 8
 PROFILES = {  # tokens x reps for single streams; per-level request counts for the sweep
     "quick": {"tiny": (256, 5), "real": (48, 3), "sweep_tokens": 24, "per_client": 1, "min_requests": 2,
-              "sweep_reps": 1, "chat_reps": 1, "chat_answer": 16, "chat_user_words": 60, "turns": 5},
+              "sweep_reps": 1, "chat_reps": 1, "chat_answer": 16, "chat_user_words": 60, "turns": 5, "ttft_reps": 10},
     "full": {"tiny": (512, 11), "real": (96, 7), "sweep_tokens": 48, "per_client": 1, "min_requests": 4,
-             "sweep_reps": 2, "chat_reps": 3, "chat_answer": 32, "chat_user_words": 80, "turns": 5},
+             "sweep_reps": 2, "chat_reps": 3, "chat_answer": 32, "chat_user_words": 80, "turns": 5,
+             "ttft_reps": 25},
 }
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-BASE = ("The old harbour town was quiet in the early morning, and the fishermen walked down to the "
-        "boats while the")
-WORDS = ("the a of and to in is was for on with as by at from that this it be are were river city house "
-         "garden road window market story music water light stone winter summer friend teacher doctor "
-         "question answer morning evening history science bridge forest mountain village").split()
-SYSTEM = ("You are a helpful assistant. Answer the questions of the user clearly, in a few sentences, and "
-          "keep the conversation friendly and on topic.")
-
-
-class Prompts:
-    """Prompts whose first token differs from the previous ones' (no accidental prefix reuse)."""
-
-    def __init__(self) -> None:
-        self.k = 0
-
-    def next(self) -> str:
-        """The next prompt."""
-        self.k += 1
-        return f"{LETTERS[self.k % len(LETTERS)]} {BASE}"
-
-    def many(self, n: int) -> list[str]:
-        """n prompts."""
-        return [self.next() for _ in range(n)]
-
-
-def completion_body(model: str, prompt: str, n: int, eos: int) -> dict:
-    """A greedy completion of exactly n tokens (EOS banned)."""
-    return {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "seed": 0,
-            "logit_bias": {str(eos): -100}}
-
-
 class CPU:
     """CPU seconds of this process (client or raw engine), the server process and its workers."""
 
@@ -78,7 +47,7 @@ class CPU:
 
 
 def single_stream(port: int, server_pid: int, model_id: str, path: Path, n: int, reps: int,
-                  prompts: Prompts, threads: int = 2) -> dict:
+                  prompts: c.Prompts, threads: int = 2, ttft_reps: int = 10) -> dict:
     """Raw engine vs server (streamed and not), same model/threads/sampling/N, ABAB with medians."""
     raw = RawEngine(path, threads=threads)
     eos = raw.eos
@@ -92,10 +61,10 @@ def single_stream(port: int, server_pid: int, model_id: str, path: Path, n: int,
         if mode == "raw":
             return raw.generate(p, n)
         if mode == "stream":
-            r = c.post_stream(port, "/v1/completions", completion_body(model_id, p, n, eos))
+            r = c.post_stream(port, "/v1/completions", c.completion_body(model_id, p, n, eos))
             r["tokens"] = r["usage"]["completion_tokens"]
             return r
-        r = c.post_json(port, "/v1/completions", completion_body(model_id, p, n, eos))
+        r = c.post_json(port, "/v1/completions", c.completion_body(model_id, p, n, eos))
         r["tokens"] = r.pop("body")["usage"]["completion_tokens"]
         return r
 
@@ -112,11 +81,33 @@ def single_stream(port: int, server_pid: int, model_id: str, path: Path, n: int,
                 raise RuntimeError(f"{m} produced {r['tokens']} tokens, expected {n}")
             rows[m].append({k: r[k] for k in ("ttft", "total", "tokens") if k in r} |
                            {"first_token": r.get("first_token")})
+    probe = ttft_probe(port, model_id, raw, ttft_reps, prompts)
+    prompt_tokens = len(raw.engine.tokenize(prompts.next()))
     raw.close()
-    return {"model": model_id, "tokens": n, "reps": reps, "threads": threads, "runs": rows,
+    return {"model": model_id, "tokens": n, "reps": reps, "threads": threads, "runs": rows, "ttft_probe": probe,
+            "prompt_tokens": prompt_tokens,
             "cpu_seconds": {m: dict(zip(("this_process", "server_main", "workers"), v))
                             for m, v in spent.items()},
             "derived": derive_single(rows, n)}
+
+
+def ttft_probe(port: int, model_id: str, raw: RawEngine, reps: int, prompts: c.Prompts) -> dict:
+    """TTFT of a short prompt, raw vs streamed server; rep i gives both the same prompt (same cache state)."""
+    pairs = []
+    for i in range(reps):
+        p = prompts.next().split(" ")[0] + " The"
+        out = {}
+        for side in (("raw", "server") if i % 2 == 0 else ("server", "raw")):
+            if side == "raw":
+                out["raw"] = raw.generate(p, 4)["ttft"]
+            else:
+                body = c.completion_body(model_id, p, 4, raw.eos)
+                out["server"] = c.post_stream(port, "/v1/completions", body)["ttft"]
+        pairs.append(out)
+    return {"prompt_tokens": len(raw.engine.tokenize(p)), "reps": reps, "pairs": pairs,
+            "raw_ms": c.median([x["raw"] * 1e3 for x in pairs]),
+            "server_ms": c.median([x["server"] * 1e3 for x in pairs]),
+            "overhead_ms": c.median([(x["server"] - x["raw"]) * 1e3 for x in pairs])}
 
 
 def derive_single(rows: dict[str, list[dict]], n: int) -> dict:
@@ -139,7 +130,7 @@ def derive_single(rows: dict[str, list[dict]], n: int) -> dict:
 
 
 def client_level(port: int, model_id: str, clients: int, per_client: int, n: int, eos: int,
-                 prompts: Prompts) -> dict:
+                 prompts: c.Prompts) -> dict:
     """`clients` streaming clients at once, each sending per_client requests back to back."""
     work = [prompts.many(per_client) for _ in range(clients)]
     results: list[dict] = []
@@ -151,7 +142,7 @@ def client_level(port: int, model_id: str, clients: int, per_client: int, n: int
         barrier.wait()
         for p in mine:
             try:
-                r = c.post_stream(port, "/v1/completions", completion_body(model_id, p, n, eos))
+                r = c.post_stream(port, "/v1/completions", c.completion_body(model_id, p, n, eos))
             except Exception as exc:  # recorded, not fatal: a sweep should finish
                 with lock:
                     errors.append(repr(exc))
@@ -173,7 +164,7 @@ def client_level(port: int, model_id: str, clients: int, per_client: int, n: int
 
 
 def sweep(port: int, shapes: dict[str, str], path: Path, n: int, per_client: int, min_requests: int,
-          reps: int, prompts: Prompts) -> dict:
+          reps: int, prompts: c.Prompts) -> dict:
     """Concurrency sweep per pool shape, with the raw ceiling (1 proc x 2 threads, 2 procs x 1 thread).
 
     At each level every client sends max(per_client, ceil(min_requests / clients)) requests back to back.
@@ -231,12 +222,12 @@ def derive_sweep(levels: dict, ceiling: dict) -> dict:
 def user_message(rep: int, turn: int, words: int) -> str:
     """A deterministic user message of `words` words (different per rep and turn)."""
     rng = random.Random(rep * 100 + turn)
-    return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "?"
+    return " ".join(rng.choice(c.WORDS) for _ in range(words)).capitalize() + "?"
 
 
 def conversation(port: int, model_id: str, rep: int, turns: int, answer: int, words: int, eos: int) -> list:
     """One chat of `turns` turns with a growing history; TTFT and prompt/cached tokens per turn."""
-    messages = [{"role": "system", "content": SYSTEM}]
+    messages = [{"role": "system", "content": c.SYSTEM}]
     out = []
     for t in range(turns):
         messages.append({"role": "user", "content": user_message(rep, t, words)})
@@ -284,15 +275,16 @@ def peer(quick: bool, tokens: int) -> dict:
         return {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
 
 
-def wait_quiet(limit: float) -> None:
-    """Wait (up to limit seconds) for a quiet machine: 2 engine threads on 2 busy cores collapse."""
+def wait_quiet(limit: float) -> float:
+    """Wait (up to limit seconds) for idle CPUs: 2 engine threads on 2 busy cores collapse. Returns the share."""
     deadline = time.monotonic() + limit
-    while os.getloadavg()[0] >= 1.0 and time.monotonic() < deadline:
-        time.sleep(5)
-    load = os.getloadavg()[0]
-    if load >= 1.0:
-        c.log(f"WARNING: load average {load:.2f} on {os.cpu_count()} CPUs: other work competes with the "
-              "engine threads and the figures will be noisy (2-thread engines can collapse)")
+    share = c.busy_share()
+    while share > 0.1 and time.monotonic() < deadline:
+        share = c.busy_share(5)
+    if share > 0.1:
+        c.log(f"WARNING: {share:.0%} of the {os.cpu_count()} CPUs are busy before the start: other work "
+              "competes with the engine threads and the figures will be noisy (2-thread engines can collapse)")
+    return share
 
 
 def registry_entries(tiny: Path, real: Path) -> list[dict]:
@@ -317,17 +309,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--peer", action="store_true", help="also run the llama-cpp-python peer comparison")
     ap.add_argument("--out", type=Path, default=c.RESULTS, help="results folder")
     ap.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
-                    help="first wait up to this long for the 1-minute load average to fall below 1")
+                    help="first wait up to this long for the CPUs to be at least 90%% idle")
     args = ap.parse_args(argv)
-    wait_quiet(args.wait_quiet)
+    busy_before = wait_quiet(args.wait_quiet)
     prof = PROFILES["quick" if args.quick else "full"]
     started = time.monotonic()
-    results: dict = {"meta": c.metadata() | {"mode": "quick" if args.quick else "full", "profile": prof}}
+    results: dict = {"meta": c.metadata() | {"mode": "quick" if args.quick else "full", "profile": prof,
+                                             "cpu_busy_share_before": round(busy_before, 3)}}
     tiny, tiny_meta = c.ensure_model(c.TINY)
     real, real_meta = c.ensure_model(c.REAL)
     results["models"] = {"tiny": tiny_meta, "real": real_meta}
     eos_real = c.eos_id(real)
-    prompts = Prompts()
+    prompts = c.Prompts()
     contention: dict = {}
     results["contention"] = contention
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the server is stopped on SIGTERM too
@@ -345,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
                 c.log(f"single stream: {name} model, {threads} thread(s), {n} tokens x {reps} reps")
                 with c.Contention() as busy:
                     results[f"single_{name}"] = single_stream(port, pid, model_id, path, n, reps, prompts,
-                                                              threads)
+                                                              threads, prof["ttft_reps"])
                 contention[f"single_{name}"] = busy.result
                 c.log(f"  {json.dumps(results[f'single_{name}']['derived'])}; other processes: {busy.result}")
             c.log("concurrency sweep")
