@@ -107,9 +107,9 @@ NOTES = [
     "With interrupt_requests=True (the default) a streaming response is ended early ('[DONE]' without a "
     "finish_reason, so it looks complete to a client) as soon as another request is waiting.",
     "OpenMP build: llama.cpp runs on whichever anyio worker thread the server picks, and each such thread "
-    "brings its own OpenMP team. Once concurrency has created a second team, decoding on this 2-core machine "
-    "was ~40% slower for the rest of the process, like OMP_WAIT_POLICY=PASSIVE (likely libgomp's throttled "
-    "spin-wait when it has more threads than cores): compare single_stream with single_stream_after_sweep_*."]
+    "brings its own OpenMP team. Once concurrency has made more teams, decoding stays slower for the rest of "
+    "the process, as with OMP_WAIT_POLICY=PASSIVE (likely libgomp's throttled spin-wait with more threads "
+    "than cores): compare single_stream with single_stream_after_sweep_* (worst for cheap tokens)."]
 
 # Runs inside the peer venv: loads the model once, then serves timing jobs read as JSON lines on stdin.
 RAW_WORKER = r"""
