@@ -28,6 +28,7 @@ class PoolModel:
     batch_size: int = 8
     max_queue: int = 64
     prefix_cache: bool = True
+    pieces: tuple[bytes, ...] = ()  # the vocabulary (token id -> bytes); read from the file when empty
 
 
 @dataclass(frozen=True)

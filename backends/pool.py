@@ -32,7 +32,8 @@ class ModelPool:
         self.restarts = 0
         self.crashes: deque[float] = deque()  # times of recent worker deaths
         self.unavailable_until = 0.0
-        self.pieces = read_vocab(spec.path)  # token id -> bytes, to decode the workers' token messages
+        # token id -> bytes, to decode the workers' token messages (the registry already read it)
+        self.pieces = spec.pieces or tuple(read_vocab(spec.path))
         self._closing = False
         self._ids = itertools.count(1)
 
