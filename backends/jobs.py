@@ -28,6 +28,7 @@ class PoolModel:
     batch_size: int = 8
     max_queue: int = 64
     prefix_cache: bool = True
+    flush_interval: float = 0.0  # seconds; tokens closer together than this are sent in one message
     pieces: tuple[bytes, ...] = ()  # the vocabulary (token id -> bytes); read from the file when empty
 
 

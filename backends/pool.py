@@ -13,7 +13,7 @@ from collections import deque
 from backends.jobs import JobHandle, ModelUnavailable, PoolModel, PoolPolicy, QueueFull, WorkerProc
 from backends.types import ErrorKind, Failed, Finished, FinishReason, GenerationJob, Tokens
 from backends.ggml.reader import read_vocab
-from backends.worker import TOKEN_MESSAGE, TOKEN_TAG, worker_main
+from backends.worker import unpack_tokens, worker_main
 
 log = logging.getLogger(__name__)
 _SPAWN = mp.get_context("spawn")
@@ -54,7 +54,7 @@ class ModelPool:
         parent, child = _SPAWN.Pipe(duplex=True)
         proc = _SPAWN.Process(
             target=worker_main,
-            args=(child, self.spec.path, self.spec.threads, self.spec.batch_size),
+            args=(child, self.spec.path, self.spec.threads, self.spec.batch_size, self.spec.flush_interval),
             name=f"gpt4all-j-worker:{self.spec.name}:{index}",
             daemon=True,
         )
@@ -91,9 +91,10 @@ class ModelPool:
         try:
             while conn.poll():
                 data = conn.recv_bytes()
-                if data[0] == TOKEN_TAG and len(data) == TOKEN_MESSAGE.size:
-                    _, job_id, token = TOKEN_MESSAGE.unpack(data)
-                    self._on_message(worker, Tokens(job_id, [token], [pieces[token]]))
+                tokens = unpack_tokens(data)
+                if tokens is not None:
+                    job_id, ids = tokens
+                    self._on_message(worker, Tokens(job_id, ids, [pieces[t] for t in ids]))
                 else:
                     self._on_message(worker, pickle.loads(data))
         except (EOFError, OSError):

@@ -131,13 +131,13 @@ def write_registry(path: Path, entries: list[dict]) -> Path:
     return path
 
 
-def start(registry: Path, log_path: Path):
+def start(registry: Path, log_path: Path, env: dict[str, str] | None = None):
     """Start the real server (tests.e2e.conftest.start_server) with generous queue limits."""
     from tests.e2e.conftest import start_server
 
-    env = {"GPT4ALL_J_QUEUE_TIMEOUT": "0", "GPT4ALL_J_DEFAULT_MAX_QUEUE": "256",
-           "GPT4ALL_J_LOAD_TIMEOUT": "600"}
-    return start_server(registry, log_path, extra_env=env)
+    base = {"GPT4ALL_J_QUEUE_TIMEOUT": "0", "GPT4ALL_J_DEFAULT_MAX_QUEUE": "256",
+            "GPT4ALL_J_LOAD_TIMEOUT": "600"}
+    return start_server(registry, log_path, extra_env=base | (env or {}))
 
 
 def stop(server) -> None:

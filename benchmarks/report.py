@@ -23,7 +23,7 @@ def targets(res: dict) -> list[dict]:
     tiny = res.get("single_tiny", {}).get("derived", {})
     add("single stream tok/s vs raw (realistic model, streamed)", real.get("stream_ratio"), ">=", 0.98, "x",
         "median of paired raw/server time ratios")
-    add("server overhead per token (tiny model, streamed)", tiny.get("stream_overhead_us_per_token"), "<=",
+    add("server overhead per token (tiny model, 1 worker x 1 thread, streamed)", tiny.get("stream_overhead_us_per_token"), "<=",
         50, "us", "median of paired (t_server - t_raw) / N")
     probe = res.get("single_tiny", {}).get("ttft_probe", {})
     add(f"TTFT overhead (tiny model, {probe.get('prompt_tokens')}-token prompt, streamed)",
@@ -43,6 +43,28 @@ def targets(res: dict) -> list[dict]:
     return out
 
 
+def _diag_line(res: dict, key: str) -> str | None:
+    s = res.get(f"single_{key}")
+    if not s:
+        return None
+    d = s["derived"]
+    return (f"{_f(d['stream_ratio'], '.2f')}x tok/s streamed, {_f(d['stream_overhead_us_per_token'], '.0f')} us/token "
+            f"streamed, {_f(d['json_ratio'], '.2f')}x not streamed, TTFT overhead "
+            f"{_f(s['ttft_probe']['overhead_ms'], '.1f')} ms")
+
+
+def _diagnostics(res: dict) -> list[str]:
+    """Diagnostic rows (not targets): 2 engine threads, and token batching off."""
+    rows = [("1 worker x 2 threads vs raw 2 threads", "tiny_2t"),
+            ("1 x 1, token batching off (--token-batch-ms 0)", "tiny_nobatch"),
+            ("1 x 2, token batching off", "tiny_2t_nobatch")]
+    found = [(label, _diag_line(res, key)) for label, key in rows]
+    found = [(label, line) for label, line in found if line]
+    if not found:
+        return []
+    return ["", "Diagnostics (not targets), tiny model:", ""] + [f"- {label}: {line}" for label, line in found]
+
+
 def summary(res: dict) -> str:
     """The short table for the README."""
     meta = res["meta"]
@@ -54,12 +76,7 @@ def summary(res: dict) -> str:
         fmt = {"x": ".3f", "us": ".0f", "ms": ".1f"}.get(t["unit"], ".2f")
         lines.append(f"| {t['target']} | {_f(t['value'], fmt)} {t['unit']} | {t['op']} {t['limit']:g} {t['unit']} "
                      f"| {verdict} |")
-    diag = res.get("single_tiny_1t", {}).get("derived")
-    if diag:
-        lines += ["", "Diagnostic (not a target): the tiny model on 1 worker x 1 thread vs the raw engine on "
-                  f"1 thread: {_f(diag['stream_ratio'], '.2f')}x tok/s streamed, "
-                  f"{_f(diag['stream_overhead_us_per_token'], '.0f')} us/token, "
-                  f"TTFT overhead {_f(res['single_tiny_1t']['ttft_probe']['overhead_ms'], '.1f')} ms (short prompt)."]
+    lines += _diagnostics(res)
     noisy = {k: v["foreign_share"] for k, v in res.get("contention", {}).items() if v["foreign_share"] > 0.05}
     if noisy:
         lines += ["", "WARNING: other processes used CPU during the run (share of all CPUs: "
@@ -152,7 +169,10 @@ def markdown(res: dict) -> str:
         out.append(f"| {k} | {v['seconds']} | {v['busy_cpu_s']} | {v['our_cpu_s']} | {v['foreign_cpu_s']} | "
                    f"{v['foreign_share']:.1%} |")
     out += ["", "## Details", ""]
-    for name, label in (("tiny", "tiny"), ("tiny_1t", "tiny (diagnostic)"), ("real", "realistic")):
+    for name, label in (("tiny", "tiny"), ("tiny_2t", "tiny (diagnostic: 2 threads)"),
+                        ("tiny_nobatch", "tiny (diagnostic: token batching off)"),
+                        ("tiny_2t_nobatch", "tiny (diagnostic: 2 threads, token batching off)"),
+                        ("real", "realistic")):
         if f"single_{name}" in res:
             out += _single_md(label, res[f"single_{name}"])
     if "sweep" in res:

@@ -291,13 +291,40 @@ def registry_entries(tiny: Path, real: Path) -> list[dict]:
     """The served models: tiny 1x2 and 1x1, realistic 1x2 and 2x1, two chat entries (prefix cache on/off)."""
     chat = {"path": str(real), "prompt_template": "gpt4all-j", "workers": 1, "threads": 2}
     return [
-        {"id": "tiny", "path": str(tiny), "workers": 1, "threads": 2},
         {"id": "tiny-1x1", "path": str(tiny), "workers": 1, "threads": 1},
+        {"id": "tiny-1x2", "path": str(tiny), "workers": 1, "threads": 2},
         {"id": "real-1x2", "path": str(real), "workers": 1, "threads": 2},
         {"id": "real-2x1", "path": str(real), "workers": 2, "threads": 1},
         {"id": "chat-on", **chat, "prefix_cache": True},
         {"id": "chat-off", **chat, "prefix_cache": False},
     ]
+
+
+def run_single(results: dict, contention: dict, name: str, port: int, pid: int, model_id: str, path: Path,
+               threads: int, prof: dict, prompts: c.Prompts) -> None:
+    """One single-stream phase, stored as results[f"single_{name}"] with its contention figures."""
+    n, reps = prof[name.split("_")[0]]
+    c.log(f"single stream: {name} ({model_id}), {threads} thread(s), {n} tokens x {reps} reps")
+    with c.Contention() as busy:
+        results[f"single_{name}"] = single_stream(port, pid, model_id, path, n, reps, prompts, threads,
+                                                  prof["ttft_reps"])
+    contention[f"single_{name}"] = busy.result
+    c.log(f"  {json.dumps(results[f'single_{name}']['derived'])}; other processes: {busy.result}")
+
+
+def batching_off(results: dict, contention: dict, tiny: Path, tmp: Path, prof: dict, prompts: c.Prompts) -> None:
+    """The tiny single streams again on a server with token batching off (--token-batch-ms 0)."""
+    entries = [{"id": "tiny-1x1", "path": str(tiny), "workers": 1, "threads": 1},
+               {"id": "tiny-1x2", "path": str(tiny), "workers": 1, "threads": 2}]
+    registry = c.write_registry(tmp / "registry-nobatch.yaml", entries)
+    c.log("starting a server with token batching off")
+    server = c.start(registry, tmp / "server-nobatch.log", {"GPT4ALL_J_TOKEN_BATCH_MS": "0"})
+    try:
+        for name, model_id, threads in (("tiny_nobatch", "tiny-1x1", 1), ("tiny_2t_nobatch", "tiny-1x2", 2)):
+            run_single(results, contention, name, c.port_of(server), server.proc.pid, model_id, tiny, threads,
+                       prof, prompts)
+    finally:
+        c.stop(server)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -330,17 +357,13 @@ def main(argv: list[str] | None = None) -> dict:
         server = c.start(registry, Path(tmp) / "server.log")
         port, pid = c.port_of(server), server.proc.pid
         try:
-            # tiny_1t (1 worker x 1 thread vs raw 1 thread) is a diagnostic: the server's own overhead
-            # without ggml's two-thread spin barriers competing with the server for the 2 cores
-            for name, path, model_id, threads in (("tiny", tiny, "tiny", 2), ("tiny_1t", tiny, "tiny-1x1", 1),
-                                                  ("real", real, "real-1x2", 2)):
-                n, reps = prof[name.split("_")[0]]
-                c.log(f"single stream: {name} model, {threads} thread(s), {n} tokens x {reps} reps")
-                with c.Contention() as busy:
-                    results[f"single_{name}"] = single_stream(port, pid, model_id, path, n, reps, prompts,
-                                                              threads, prof["ttft_reps"])
-                contention[f"single_{name}"] = busy.result
-                c.log(f"  {json.dumps(results[f'single_{name}']['derived'])}; other processes: {busy.result}")
+            # The tiny model's headline is 1 worker x 1 thread vs the raw engine on 1 thread: the server's
+            # own per-token cost. tiny_2t (1 x 2 vs raw 2 threads) shows ggml's two spinning threads
+            # competing with the server and the client for 2 cores.
+            for name, model_id, threads in (("tiny", "tiny-1x1", 1), ("tiny_2t", "tiny-1x2", 2),
+                                            ("real", "real-1x2", 2)):
+                path = real if name == "real" else tiny
+                run_single(results, contention, name, port, pid, model_id, path, threads, prof, prompts)
             c.log("concurrency sweep")
             with c.Contention() as busy:
                 results["sweep"] = sweep(port, {"1x2": "real-1x2", "2x1": "real-2x1"}, real,
@@ -358,6 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
             lines = server.logs().splitlines()
             results["server_log_problems"] = [x for x in lines if "WARNING" in x or "ERROR" in x
                                               or "Traceback" in x][-30:]
+        batching_off(results, contention, tiny, Path(tmp), prof, prompts)
     if args.peer:
         c.log("peer comparison")
         results["peer"] = peer(args.quick, prof["sweep_tokens"])

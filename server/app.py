@@ -26,6 +26,7 @@ def pool_models(registry: Registry, settings: Settings) -> list[PoolModel]:
         PoolModel(
             name=m.spec.id, path=str(m.path), workers=m.spec.workers, threads=m.spec.threads,
             batch_size=m.spec.batch_size, prefix_cache=m.spec.prefix_cache,
+            flush_interval=settings.token_batch_ms / 1000,
             pieces=tuple(m.tokenizer.pieces),
             max_queue=m.spec.max_queue if m.spec.max_queue is not None else settings.default_max_queue,
         )

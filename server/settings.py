@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     restart_window: float = Field(60.0, gt=0, description="Seconds over which worker crashes are counted.")
     restart_cooldown: float = Field(30.0, gt=0, description="Seconds a crash-looping model stays unavailable "
                                                             "before it is tried again.")
+    token_batch_ms: float = Field(2.0, ge=0, le=100,
+                                  description="Tokens a worker produces within this many milliseconds of its "
+                                              "last send go out together (fewer wake-ups when a model is "
+                                              "faster than the client); 0 sends every token at once.")
     shutdown_grace: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish on "
                                                           "SIGTERM/SIGINT before they are cut.")
     # security
