@@ -11,6 +11,7 @@ import contextlib
 import mmap
 import os
 import re
+import shlex
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,11 +43,21 @@ _MAX_TOKEN_LEN = 1 << 16
 _HPARAM_LIMITS = {"n_vocab": 1 << 24, "n_ctx": 1 << 24, "n_embd": 1 << 17, "n_head": 1 << 12, "n_layer": 1 << 12}
 _MAX_NAME_LEN = 1024
 _LAYER_RE = re.compile(r"transformer\.h\.(\d+)\.")
-# The layout needs a one-time rewrite to the standard one; this release does not ship the converter yet.
+# The layout needs a one-time rewrite to the standard one; {command} is the command to run.
 CONVERT_HINT = (
     "it needs a one-time conversion to the standard GGML layout (ftype + 2000, fp16 scales, "
-    "repacked nibbles) before it can be served; this release of gpt4all-j-server has no converter yet"
+    "repacked nibbles) before it can be served; convert it with: {command}"
 )
+
+
+def converted_path(path: str | os.PathLike) -> Path:
+    """Suggested output of converting a legacy file: same folder, 'name.bin' -> 'name.converted.bin'."""
+    return Path(path).with_name(f"{Path(path).stem}.converted{Path(path).suffix or '.bin'}")
+
+
+def convert_command(path: str | os.PathLike) -> str:
+    """The shell command that converts a legacy file to its suggested output (paths quoted as needed)."""
+    return f"gpt4all-j-server convert {shlex.quote(str(path))} {shlex.quote(str(converted_path(path)))}"
 
 
 class ModelFileError(ValueError):
@@ -60,6 +71,8 @@ class ModelFileError(ValueError):
 
 class LegacyModelFileError(ModelFileError):
     """GPT4All's pre-May-2023 GGML layout: loadable only after conversion to the standard layout."""
+
+    damage: str | None = None  # set when the legacy file is also damaged (then it cannot be converted)
 
 
 @dataclass
@@ -282,11 +295,14 @@ def _walk(mm, off: int, size: int, hp: dict[str, int], wtype: int, blocks: dict)
     return list(seen.values())
 
 
-def _legacy_message(hp: dict[str, int], name: str) -> str:
-    return (
+def _legacy_message(p: Path, hp: dict[str, int], name: str, damage: str | None = None) -> str:
+    what = (
         f"this is GPT4All's legacy pre-May-2023 GGML layout (header ftype {hp['ftype']} = {name} without a "
-        f"quantization version, old block layout), which ctransformers 0.2.27 cannot load: {CONVERT_HINT}"
+        "quantization version, old block layout), which ctransformers 0.2.27 cannot load: "
     )
+    if damage is None:
+        return what + CONVERT_HINT.format(command=convert_command(p))
+    return f"{what}it needs a one-time conversion, but the file looks damaged ({damage}): download it again"
 
 
 def _scan(path, allow_legacy: bool = False) -> tuple[ModelInfo, list[TensorInfo], bool]:
@@ -307,15 +323,16 @@ def _scan(path, allow_legacy: bool = False) -> tuple[ModelInfo, list[TensorInfo]
                     try:
                         _walk(mm, off, size, hp, wtype, TYPE_BLOCK)
                     except _Bad:
-                        msg = f"{_legacy_message(hp, name)} (and it looks damaged: {legacy_err})"
-                        raise LegacyModelFileError(p, msg) from None
+                        err = LegacyModelFileError(p, _legacy_message(p, hp, name, str(legacy_err)))
+                        err.damage = str(legacy_err)
+                        raise err from None
                     raise _Bad(
                         f"header ftype {hp['ftype']} lacks the quantization version (expected "
                         f"{hp['ftype'] + QNT_VERSION * QNT_VERSION_FACTOR}) although the blocks use the "
                         "current layout"
                     ) from None
                 if not allow_legacy:
-                    raise LegacyModelFileError(p, _legacy_message(hp, name))
+                    raise LegacyModelFileError(p, _legacy_message(p, hp, name))
         except _Bad as e:
             raise ModelFileError(p, str(e)) from None
     info = ModelInfo(
@@ -382,6 +399,8 @@ __all__ = [
     "ModelFileError",
     "ModelInfo",
     "TensorInfo",
+    "convert_command",
+    "converted_path",
     "inspect_model",
     "list_tensors",
     "read_hparams",
