@@ -11,7 +11,6 @@ import contextlib
 import mmap
 import os
 import re
-import shlex
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from .constants import (
     TYPE_NAMES,
     gptj_tensor_shapes,
 )
+from .errors import CONVERT_HINT, LegacyModelFileError, ModelFileError, convert_command, converted_path
 from .quants import dequantize, dequantize_legacy
 
 _VOCAB_OFFSET = 32  # magic + 7 hparams; the vocab count follows
@@ -43,38 +43,6 @@ _MAX_TOKEN_LEN = 1 << 16
 _HPARAM_LIMITS = {"n_vocab": 1 << 24, "n_ctx": 1 << 24, "n_embd": 1 << 17, "n_head": 1 << 12, "n_layer": 1 << 12}
 _MAX_NAME_LEN = 1024
 _LAYER_RE = re.compile(r"transformer\.h\.(\d+)\.")
-# The layout needs a one-time rewrite to the standard one; {command} is the command to run.
-CONVERT_HINT = (
-    "it needs a one-time conversion to the standard GGML layout (ftype + 2000, fp16 scales, "
-    "repacked nibbles) before it can be served; convert it with: {command}"
-)
-
-
-def converted_path(path: str | os.PathLike) -> Path:
-    """Suggested output of converting a legacy file: same folder, 'name.bin' -> 'name.converted.bin'."""
-    return Path(path).with_name(f"{Path(path).stem}.converted{Path(path).suffix or '.bin'}")
-
-
-def convert_command(path: str | os.PathLike) -> str:
-    """The shell command that converts a legacy file to its suggested output (paths quoted as needed)."""
-    return f"gpt4all-j-server convert {shlex.quote(str(path))} {shlex.quote(str(converted_path(path)))}"
-
-
-class ModelFileError(ValueError):
-    """A model file that cannot be served; the message names the file and the problem."""
-
-    def __init__(self, path: str | os.PathLike, problem: str):
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"model file '{self.path}': {problem}")
-
-
-class LegacyModelFileError(ModelFileError):
-    """GPT4All's pre-May-2023 GGML layout: loadable only after conversion to the standard layout."""
-
-    damage: str | None = None  # set when the legacy file is also damaged (then it cannot be converted)
-
-
 @dataclass
 class TensorInfo:
     """One tensor record: numpy shape (rows, row_len) or (n,), ggml type, data offset and size."""
