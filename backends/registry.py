@@ -185,6 +185,11 @@ def template_for(parsed: RegistryFile, name: str) -> PromptTemplate:
     return BUILTIN_TEMPLATES[name]
 
 
+def entry_file(registry: Path, spec: ModelSpec) -> Path:
+    """The absolute path of an entry's model file (relative paths are relative to the registry's folder)."""
+    return (Path(registry).resolve().parent / spec.path).resolve()
+
+
 def resolve(path: Path, create_missing: bool = True) -> Registry:
     """Load the registry and find which entries can be served, writing the demo model if needed."""
     path = Path(path).resolve()
@@ -192,7 +197,7 @@ def resolve(path: Path, create_missing: bool = True) -> Registry:
     served: list[ServedModel] = []
     skipped: dict[str, str] = {}
     for idx, spec in enumerate(parsed.models):
-        file = (path.parent / spec.path).resolve()
+        file = entry_file(path, spec)
         if not file.is_file() and spec.create_if_missing and create_missing:
             from backends.demo import write_demo_model
 
@@ -211,10 +216,15 @@ def resolve(path: Path, create_missing: bool = True) -> Registry:
 def _servable(path: Path, idx: int, spec: ModelSpec, file: Path) -> ModelInfo | str:
     """The file's header info, or why the entry cannot be served."""
     if not file.is_file():
-        how = f"download it: curl -L -o {file} {spec.url}" if spec.url else "put the model file there"
-        if spec.needs_conversion:
-            how += ("; this file uses GPT4All's pre-May-2023 GGML layout, which must be converted to the "
-                    "standard layout before it can be served")
+        if spec.url:
+            default = Path("model_registry.yaml").resolve()
+            option = "" if path == default else f" --registry {path}"
+            how = f"download it with: gpt4all-j-server pull {spec.id}{option}"
+            if spec.needs_conversion:
+                how += (" (it downloads and verifies the file, then converts GPT4All's pre-May-2023 GGML "
+                        "layout to the standard one ctransformers reads)")
+        else:
+            how = "put the model file there"
         return f"file {file} is missing; {how}"
     try:
         info = inspect_model(file)

@@ -1,4 +1,4 @@
-"""The `gpt4all-j-server` command: serve, make-model, inspect."""
+"""The `gpt4all-j-server` command: serve, make-model, inspect, models list, pull, verify, convert."""
 
 from __future__ import annotations
 
@@ -63,7 +63,42 @@ def build_parser() -> argparse.ArgumentParser:
                            "or the bundled demo model")
     insp = sub.add_parser("inspect", help="validate a GGML GPT-J file and describe it")
     insp.add_argument("file", type=Path)
+    _add_model_commands(sub)
     return parser
+
+
+def _add_model_commands(sub) -> None:
+    """models list, pull, verify, convert (implemented in server.model_cli)."""
+    reg_help = f"model registry YAML file [env {ENV_PREFIX}REGISTRY; default model_registry.yaml]"
+    reg = argparse.ArgumentParser(add_help=False)
+    reg.add_argument("--registry", type=Path, default=None, help=reg_help)
+    models = sub.add_parser("models", help="list the registry's models and the state of their files",
+                            parents=[reg])
+    models.add_argument("--json", action="store_true", help="machine-readable output")
+    msub = models.add_subparsers(dest="models_command")
+    lst = msub.add_parser("list", help="every registry entry: present/missing, size, checksum state, "
+                                       "layout, path")
+    # SUPPRESS: `models --registry X list` must not be reset by the sub-subcommand's defaults
+    lst.add_argument("--registry", type=Path, default=argparse.SUPPRESS, help=reg_help)
+    lst.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    pull = sub.add_parser("pull", parents=[reg], help="download a registry model (resumable), verify its "
+                                                      "checksum and convert it if needed")
+    pull.add_argument("id", help="model id or alias")
+    pull.add_argument("--force", action="store_true", help="download again even if the file verifies")
+    pull.add_argument("--keep-original", action="store_true",
+                      help="keep the downloaded legacy-layout file (<path>.legacy) after converting it")
+    pull.add_argument("--retries", type=int, default=4, help="retries of transient failures (default 4)")
+    pull.add_argument("--retry-wait", type=float, default=2.0,
+                      help="seconds before the first retry, doubling after each (default 2)")
+    pull.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds (default 60)")
+    ver = sub.add_parser("verify", parents=[reg], help="check present model files against the registry's "
+                                                       "checksums and the GGML inspector")
+    ver.add_argument("id", nargs="?", help="model id or alias (default: every present model)")
+    conv = sub.add_parser("convert", help="convert a legacy (pre-May-2023) GPT4All GGML file to the "
+                                          "standard layout")
+    conv.add_argument("src", type=Path, metavar="IN")
+    conv.add_argument("dst", type=Path, metavar="OUT")
+    conv.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +111,33 @@ def main(argv: list[str] | None = None) -> int:
         return _make_model(args)
     if args.command == "inspect":
         return _inspect(args.file)
+    if args.command in ("models", "pull", "verify", "convert"):
+        return _model_command(args)
     return _serve(settings_from_args(args))
+
+
+def _model_command(args: argparse.Namespace) -> int:
+    from server import model_cli as mc
+
+    try:
+        if args.command == "convert":
+            return mc.cmd_convert(args.src, args.dst, args.overwrite)
+        path = mc.registry_path(args.registry)
+        if args.command == "models":
+            return mc.cmd_list(path, args.json)
+        if args.command == "verify":
+            return mc.cmd_verify(path, args.id)
+        return mc.cmd_pull(path, args.id, force=args.force, keep_original=args.keep_original,
+                           retries=args.retries, retry_wait=args.retry_wait, timeout=args.timeout)
+    except mc.CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _make_model(args: argparse.Namespace) -> int:

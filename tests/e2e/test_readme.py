@@ -39,7 +39,8 @@ def test_readme_curl_examples_run_verbatim(default_server):
         assert '"error"' not in out.stdout, (block, out.stdout)
         assert out.stdout.strip(), block
     log = default_server.logs()
-    assert "not serving ggml-gpt4all-j-v1.3-groovy" in log and "curl -L -o" in log
+    assert "not serving ggml-gpt4all-j-v1.3-groovy" in log
+    assert "gpt4all-j-server pull ggml-gpt4all-j-v1.3-groovy" in log
 
 
 def test_demo_model_answers(default_server):

@@ -46,7 +46,7 @@ def test_missing_and_bad_files_are_skipped_with_reasons(tmp_path):
                  "  - {id: bad, path: bad.bin}\n")
     reg = resolve(path)
     assert [m.spec.id for m in reg.served] == ["good"]
-    assert "missing" in reg.skipped["gone"] and "curl -L -o" in reg.skipped["gone"]
+    assert "missing" in reg.skipped["gone"] and "gpt4all-j-server pull gone" in reg.skipped["gone"]
     assert "bad" in reg.skipped
     assert reg.served[0].info.n_vocab == 320
 
