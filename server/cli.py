@@ -118,16 +118,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _model_command(args: argparse.Namespace) -> int:
     from server import model_cli as mc
+    from server import model_pull as mp
 
     try:
         if args.command == "convert":
-            return mc.cmd_convert(args.src, args.dst, args.overwrite)
+            return mp.cmd_convert(args.src, args.dst, args.overwrite)
         path = mc.registry_path(args.registry)
         if args.command == "models":
             return mc.cmd_list(path, args.json)
         if args.command == "verify":
             return mc.cmd_verify(path, args.id)
-        return mc.cmd_pull(path, args.id, force=args.force, keep_original=args.keep_original,
+        return mp.cmd_pull(path, args.id, force=args.force, keep_original=args.keep_original,
                            retries=args.retries, retry_wait=args.retry_wait, timeout=args.timeout)
     except mc.CliError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -20,7 +20,7 @@ import pytest
 from backends.download import sidecar_path
 from backends.ggml.reader import LegacyModelFileError, inspect_model
 from server.cli import main
-from server.model_cli import Reporter
+from server.progress import Reporter
 from tests.models import write_random
 
 
@@ -378,6 +378,6 @@ def test_console_script_pull_and_list(tmp_path, http_files, model_bytes):
 def test_unwritable_destination_message(tmp_path, http_files, model_bytes, capsys, monkeypatch):
     """The access check itself (the chmod test above cannot run as root)."""
     reg = registry(tmp_path, http_files, model_bytes)
-    monkeypatch.setattr("server.model_cli.os.access", lambda *a, **k: False)
+    monkeypatch.setattr("server.model_pull.os.access", lambda *a, **k: False)
     assert run("pull", "tiny", "--registry", str(reg)) == 1
     assert "is not writable" in capsys.readouterr().err and http_files.log == []
