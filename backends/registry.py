@@ -65,7 +65,8 @@ class ModelSpec(_Strict):
     stop: list[str] = []
     sampling: SamplingDefaults = SamplingDefaults()
     workers: int = Field(1, ge=1, le=64)
-    threads: int = Field(1, ge=1, le=256)
+    threads: int | None = Field(None, ge=1, le=256, description="Engine threads per worker; omitted = the "
+                                                                 "usable CPUs divided by the workers.")
     batch_size: int = Field(8, ge=1, le=32)
     prefix_cache: bool = Field(True, description="Reuse the longest common token prefix between requests "
                                                  "on a worker, and route follow-ups to the worker holding it.")
@@ -98,11 +99,20 @@ class ServedModel:
     info: ModelInfo
     template: PromptTemplate
     tokenizer: Tokenizer
+    threads: int = 1  # engine threads per worker, resolved by `resolve`
 
     @property
     def context_length(self) -> int:
         """The context the server enforces (registry value, at most the file's n_ctx)."""
         return self.spec.context_length or self.info.n_ctx
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (honours taskset/cgroup affinity, unlike os.cpu_count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -190,7 +200,12 @@ def entry_file(registry: Path, spec: ModelSpec) -> Path:
     return (Path(registry).resolve().parent / spec.path).resolve()
 
 
-def resolve(path: Path, create_missing: bool = True) -> Registry:
+def engine_threads(spec: ModelSpec, default: int = 0) -> int:
+    """Threads per worker: the entry's, else `default`, else (0) the usable CPUs shared by its workers."""
+    return spec.threads or default or max(1, usable_cpus() // spec.workers)
+
+
+def resolve(path: Path, create_missing: bool = True, default_threads: int = 0) -> Registry:
     """Load the registry and find which entries can be served, writing the demo model if needed."""
     path = Path(path).resolve()
     parsed = load_registry_file(path)
@@ -208,7 +223,7 @@ def resolve(path: Path, create_missing: bool = True) -> Registry:
             skipped[spec.id] = reason  # logged at startup by the app
             continue
         served.append(ServedModel(spec, file, reason, template_for(parsed, spec.prompt_template),
-                                  Tokenizer(read_vocab(file))))
+                                  Tokenizer(read_vocab(file)), engine_threads(spec, default_threads)))
     _warn_oversubscribed(served)
     return Registry(path, list(parsed.models), served, skipped)
 
@@ -240,8 +255,8 @@ def _servable(path: Path, idx: int, spec: ModelSpec, file: Path) -> ModelInfo | 
 
 def _warn_oversubscribed(served: list[ServedModel]) -> None:
     """Warn when the pool would run more engine threads than there are CPUs."""
-    total = sum(m.spec.workers * m.spec.threads for m in served)
-    cpus = os.cpu_count() or 1
+    total = sum(m.spec.workers * m.threads for m in served)
+    cpus = usable_cpus()
     if total > cpus:
         log.warning("registry asks for %d engine threads (workers x threads) on %d CPUs; "
                     "generation will be slower than with fewer", total, cpus)

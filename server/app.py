@@ -24,7 +24,7 @@ def pool_models(registry: Registry, settings: Settings) -> list[PoolModel]:
     """What the pool needs for each servable registry entry."""
     return [
         PoolModel(
-            name=m.spec.id, path=str(m.path), workers=m.spec.workers, threads=m.spec.threads,
+            name=m.spec.id, path=str(m.path), workers=m.spec.workers, threads=m.threads,
             batch_size=m.spec.batch_size, prefix_cache=m.spec.prefix_cache,
             flush_interval=settings.token_batch_ms / 1000,
             pieces=tuple(m.tokenizer.pieces),
@@ -43,7 +43,8 @@ def pool_policy(settings: Settings) -> PoolPolicy:
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
     """Build the FastAPI app; the registry is loaded now (so errors surface before serving)."""
     settings = settings or Settings()
-    registry = registry or resolve(settings.registry, create_missing=settings.create_demo)
+    registry = registry or resolve(settings.registry, create_missing=settings.create_demo,
+                                   default_threads=settings.default_threads)
     metrics = Metrics()
 
     @asynccontextmanager

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     restart_window: float = Field(60.0, gt=0, description="Seconds over which worker crashes are counted.")
     restart_cooldown: float = Field(30.0, gt=0, description="Seconds a crash-looping model stays unavailable "
                                                             "before it is tried again.")
+    default_threads: int = Field(0, ge=0, le=256,
+                                 description="Engine threads per worker for registry entries that set no "
+                                             "`threads`; 0 = the usable CPUs divided by the entry's workers.")
     token_batch_ms: float = Field(2.0, ge=0, le=100,
                                   description="Tokens a worker produces within this many milliseconds of its "
                                               "last send go out together (fewer wake-ups when a model is "

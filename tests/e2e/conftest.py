@@ -81,7 +81,8 @@ def start_server(registry: Path, log: Path, extra_env: dict[str, str] | None = N
                  port: int | None = None) -> Server:
     """Start `python -m server serve` and wait until /ready says ready."""
     port = port or free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    # entries without `threads` get 1 engine thread: test servers share 2 cores with each other
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GPT4ALL_J_DEFAULT_THREADS": "1", **(extra_env or {})}
     out = log.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "serve", "--registry", str(registry), "--port", str(port),

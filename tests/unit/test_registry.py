@@ -70,3 +70,20 @@ def test_demo_model_is_written_when_missing(tmp_path):
     path = write(tmp_path, "models:\n  - {id: demo, path: m/demo.bin, create_if_missing: demo}\n")
     reg = resolve(path)
     assert [m.spec.id for m in reg.served] == ["demo"] and (tmp_path / "m/demo.bin").is_file()
+
+
+def test_engine_threads_entry_then_setting_then_cpus_per_worker(monkeypatch):
+    from backends import registry
+    from backends.registry import ModelSpec, engine_threads
+
+    monkeypatch.setattr(registry, "usable_cpus", lambda: 8)
+    assert engine_threads(ModelSpec(id="a", path="a.bin", threads=3), default=2) == 3
+    assert engine_threads(ModelSpec(id="a", path="a.bin"), default=2) == 2
+    assert engine_threads(ModelSpec(id="a", path="a.bin", workers=2)) == 4
+    assert engine_threads(ModelSpec(id="a", path="a.bin", workers=16)) == 1
+
+
+def test_resolved_threads_reach_the_served_model(tmp_path):
+    write_successor(tmp_path / "m.bin")
+    reg = resolve(write(tmp_path, "models:\n  - {id: m, path: m.bin}\n"), default_threads=3)
+    assert reg.served[0].threads == 3
