@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -11,6 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from backends.ggml.errors import LegacyModelFileError, converted_path
 from backends.ggml.reader import ModelFileError, ModelInfo, inspect_model, read_vocab
 from backends.templates import BUILTIN_TEMPLATES, PromptTemplate
 from backends.tokenizer import Tokenizer
@@ -232,9 +234,7 @@ def _servable(path: Path, idx: int, spec: ModelSpec, file: Path) -> ModelInfo | 
     """The file's header info, or why the entry cannot be served."""
     if not file.is_file():
         if spec.url:
-            default = Path("model_registry.yaml").resolve()
-            option = "" if path == default else f" --registry {path}"
-            how = f"download it with: gpt4all-j-server pull {spec.id}{option}"
+            how = f"download it with: gpt4all-j-server pull {spec.id}{_registry_option(path)}"
             if spec.needs_conversion:
                 how += (" (it downloads and verifies the file, then converts GPT4All's pre-May-2023 GGML "
                         "layout to the standard one ctransformers reads)")
@@ -243,6 +243,8 @@ def _servable(path: Path, idx: int, spec: ModelSpec, file: Path) -> ModelInfo | 
         return f"file {file} is missing; {how}"
     try:
         info = inspect_model(file)
+    except LegacyModelFileError as exc:
+        return _legacy_reason(path, spec, file, exc)
     except ModelFileError as exc:
         return str(exc)
     if spec.context_length and spec.context_length > info.n_ctx:
@@ -251,6 +253,24 @@ def _servable(path: Path, idx: int, spec: ModelSpec, file: Path) -> ModelInfo | 
             f"exceeds the file's n_ctx of {info.n_ctx}"
         )
     return info
+
+
+def _legacy_reason(path: Path, spec: ModelSpec, file: Path, exc: LegacyModelFileError) -> str:
+    """Why a legacy-layout file is not served, with the commands that convert it where the entry expects it."""
+    if exc.damage is not None:
+        return str(exc)
+    out = converted_path(file)
+    how = (f"convert it once, in place, with: gpt4all-j-server convert {shlex.quote(str(file))} "
+           f"{shlex.quote(str(out))} && mv {shlex.quote(str(out))} {shlex.quote(str(file))}")
+    if spec.url and (spec.sha256 or spec.md5):
+        how += f" (or: gpt4all-j-server pull {spec.id}{_registry_option(path)}, which also verifies it)"
+    return (f"model file '{file}' uses GPT4All's legacy pre-May-2023 GGML layout, which ctransformers "
+            f"cannot load; {how}")
+
+
+def _registry_option(path: Path) -> str:
+    """' --registry PATH' unless PATH is the default registry."""
+    return "" if path == Path("model_registry.yaml").resolve() else f" --registry {shlex.quote(str(path))}"
 
 
 def _warn_oversubscribed(served: list[ServedModel]) -> None:

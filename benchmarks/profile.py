@@ -5,7 +5,7 @@
 Streams greedy completions of the tiny model (1 worker x 1 thread) back to back while py-spy samples
 the server's main process and the worker (native frames off; idle time excluded, so shares are of
 the time each process spends running). Writes benchmarks/results/profile.md (top functions by own
-time and by inclusive time) and the raw collapsed stacks next to it.
+time and by inclusive time) as profile-MODEL-Nt.md, and the raw collapsed stacks next to it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from pathlib import Path
 
 from benchmarks import common as c
 
-OUT = c.RESULTS / "profile.md"
 
 
 def collapsed(path: Path) -> list[tuple[list[str], int]]:
@@ -63,9 +62,9 @@ def _table(title: str, total: int, rows: list, seconds: float, tokens: int) -> l
 
 
 def stream_until(port: int, eos: int, stop: threading.Event, prompts: c.Prompts, counter: list[int]) -> None:
-    """Back-to-back streamed completions of 256 tokens until told to stop."""
+    """Back-to-back streamed completions of 64 tokens until told to stop."""
     while not stop.is_set():
-        r = c.post_stream(port, "/v1/completions", c.completion_body("tiny", prompts.next(), 256, eos))
+        r = c.post_stream(port, "/v1/completions", c.completion_body("tiny", prompts.next(), 64, eos))
         counter[0] += r["usage"]["completion_tokens"]
 
 
@@ -74,13 +73,15 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    ap.add_argument("--model", choices=["tiny", "real"], default="tiny")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    tiny, _ = c.ensure_model(c.TINY)
+    tiny, _ = c.ensure_model(c.TINY if args.model == "tiny" else c.REAL)
     eos = c.eos_id(tiny)
     prompts = c.Prompts()
     with tempfile.TemporaryDirectory(prefix="prof-") as tmp:
         registry = c.write_registry(Path(tmp) / "r.yaml", [{"id": "tiny", "path": str(tiny), "workers": 1,
-                                                            "threads": 1}])
+                                                            "threads": args.threads}])
         server = c.start(registry, Path(tmp) / "server.log")
         try:
             port, pid = c.port_of(server), server.proc.pid
@@ -92,9 +93,10 @@ def main(argv: list[str] | None = None) -> None:
             client.start()
             time.sleep(0.5)
             counter[0] = 0
+            out = c.RESULTS / f"profile-{args.model}-{args.threads}t"
             spies = {name: subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--nonblocking", "-f", "raw",
                                              "-r", str(args.rate), "-d", str(int(args.seconds)), "-o",
-                                             str(c.RESULTS / f"profile-{name}.txt"), "-p", str(p)],
+                                             f"{out}-{name}.txt", "-p", str(p)],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                      for name, p in (("server", pid), ("worker", worker))}
             for spy in spies.values():
@@ -105,18 +107,19 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             c.stop(server)
     lines = ["# Profile of the per-token path", "",
-             f"`python -m benchmarks.profile --seconds {args.seconds:g}`: the tiny model (1 worker x 1 thread) "
+             f"`python -m benchmarks.profile --seconds {args.seconds:g} --model {args.model} --threads {args.threads}`: "
+             f"the {args.model} model (1 worker x {args.threads} thread(s)) "
              f"streaming back to back; {tokens} tokens in {args.seconds:g} s ({tokens / args.seconds:.0f} tok/s); "
              f"py-spy --nonblocking at {args.rate} Hz, idle samples excluded. µs per token = share x sampled time / tokens "
              "(an upper bound when the process was not busy the whole time).", ""]
     for name in ("server", "worker"):
-        total, own, incl = top(collapsed(c.RESULTS / f"profile-{name}.txt"))
+        total, own, incl = top(collapsed(Path(f"{out}-{name}.txt")))
         busy_s = total / args.rate
         lines += [f"### {name} process: {total} busy samples ({busy_s:.2f} s busy of {args.seconds:g} s, "
                   f"{busy_s / max(tokens, 1) * 1e6:.0f} µs busy per token)", ""]
         lines += _table("own time", total, own, busy_s, tokens)
         lines += _table("inclusive time", total, incl, busy_s, tokens)
-    OUT.write_text("\n".join(lines))
+    Path(f"{out}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

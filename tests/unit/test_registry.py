@@ -87,3 +87,25 @@ def test_resolved_threads_reach_the_served_model(tmp_path):
     write_successor(tmp_path / "m.bin")
     reg = resolve(write(tmp_path, "models:\n  - {id: m, path: m.bin}\n"), default_threads=3)
     assert reg.served[0].threads == 3
+
+
+def test_a_legacy_file_is_skipped_with_a_command_that_converts_it_in_place(tmp_path):
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from backends.ggml.writer import GPTJConfig, write_model
+
+    config = GPTJConfig(n_vocab=300, n_ctx=32, n_embd=32, n_head=2, n_layer=1, n_rot=4, ftype="q4_0")
+    write_model(tmp_path / "old.bin", config, seed=0, legacy=True)
+    reg = resolve(write(tmp_path, "models:\n  - {id: old, path: old.bin, url: http://127.0.0.1:9/o.bin, md5: '"
+                                  + "0" * 32 + "'}\n"))
+    reason = reg.skipped["old"]
+    assert "legacy pre-May-2023" in reason and "gpt4all-j-server pull old --registry" in reason
+    command = reason.split("in place, with: ", 1)[1].split(" (or:", 1)[0]
+    assert shlex.split(command)[:2] == ["gpt4all-j-server", "convert"]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert resolve(tmp_path / "reg.yaml").served[0].spec.id == "old"  # served from the same path now
