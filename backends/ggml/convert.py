@@ -46,10 +46,10 @@ from .reader import (
     LegacyModelFileError,
     ModelFileError,
     TensorInfo,
-    _scan,
     convert_command,
     converted_path,
     inspect_model,
+    scan_model,
 )
 
 CHUNK_WEIGHTS = 1 << 20  # weights repacked at once (a multiple of 32): ~0.6 MiB of q4_0 blocks
@@ -190,7 +190,7 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
 def _legacy_source(src: Path) -> tuple[list[TensorInfo], int]:
     """Validate the source: its tensor records and legacy weight type, or a ConvertError saying why not."""
     try:
-        info, tensors, legacy = _scan(src, allow_legacy=True)
+        info, tensors, legacy = scan_model(src, allow_legacy=True)
     except LegacyModelFileError as e:
         raise ConvertError(src, f"legacy GGML file is damaged ({e.damage}); download it again") from None
     except ModelFileError as e:

@@ -318,6 +318,11 @@ def _scan(path, allow_legacy: bool = False) -> tuple[ModelInfo, list[TensorInfo]
     return info, tensors, legacy
 
 
+def scan_model(path: str | os.PathLike, *, allow_legacy: bool = False) -> tuple[ModelInfo, list[TensorInfo], bool]:
+    """Parse and validate a file: (info, tensor records, whether it is in the legacy layout)."""
+    return _scan(path, allow_legacy)
+
+
 def inspect_model(path: str | os.PathLike) -> ModelInfo:
     """Validate a GGML GPT-J file (headers only) and describe it; raises ModelFileError."""
     return _scan(path)[0]
@@ -374,4 +379,5 @@ __all__ = [
     "read_hparams",
     "read_tensors",
     "read_vocab",
+    "scan_model",
 ]
