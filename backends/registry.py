@@ -12,7 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from backends.ggml.errors import LegacyModelFileError, converted_path
+from backends.ggml.errors import LegacyModelFileError, convert_command, converted_path
 from backends.ggml.reader import ModelFileError, ModelInfo, inspect_model, read_vocab
 from backends.templates import BUILTIN_TEMPLATES, PromptTemplate
 from backends.tokenizer import Tokenizer
@@ -260,8 +260,8 @@ def _legacy_reason(path: Path, spec: ModelSpec, file: Path, exc: LegacyModelFile
     if exc.damage is not None:
         return str(exc)
     out = converted_path(file)
-    how = (f"convert it once, in place, with: gpt4all-j-server convert {shlex.quote(str(file))} "
-           f"{shlex.quote(str(out))} && mv {shlex.quote(str(out))} {shlex.quote(str(file))}")
+    how = (f"convert it once, in place, with: {convert_command(file)} "
+           f"&& mv {shlex.quote(str(out))} {shlex.quote(str(file))}")
     if spec.url and (spec.sha256 or spec.md5):
         how += f" (or: gpt4all-j-server pull {spec.id}{_registry_option(path)}, which also verifies it)"
     return (f"model file '{file}' uses GPT4All's legacy pre-May-2023 GGML layout, which ctransformers "

@@ -56,14 +56,16 @@ def find_entry(entries: list[tuple[ModelSpec, Path]], name: str, path: Path) -> 
     raise CliError(f"no model {name!r} in {path} (known: {known})", 2)
 
 
-def _show(path: Path) -> str:
+def show_path(path: Path) -> str:
+    """The path relative to the working directory when it is below it, else as given."""
     try:
         return str(path.relative_to(Path.cwd()))
     except ValueError:
         return str(path)
 
 
-def _expected(spec: ModelSpec) -> Expected:
+def expected_of(spec: ModelSpec) -> Expected:
+    """The size and checksums the registry promises for an entry."""
     return Expected(spec.size, spec.sha256, spec.md5)
 
 
@@ -93,7 +95,7 @@ def _source_matches(source: dict, expected: Expected) -> bool | None:
 
 def entry_status(spec: ModelSpec, file: Path) -> dict:
     """Everything `models list` shows for one entry, without hashing the file."""
-    exp = _expected(spec)
+    exp = expected_of(spec)
     row = {"id": spec.id, "aliases": list(spec.aliases), "path": str(file), "present": file.is_file(),
            "size": None, "expected_size": spec.size, "checksum": "-", "layout": None,
            "needs_conversion": spec.needs_conversion, "converted": None, "partial_bytes": None,
@@ -149,7 +151,7 @@ def cmd_list(path: Path, as_json: bool) -> int:
             expected += " (download)"
         table.append((r["id"], ",".join(r["aliases"]) or "-", state,
                       human_bytes(r["size"]) if r["size"] is not None else "-", expected, r["checksum"],
-                      layout, _show(Path(r["path"]))))
+                      layout, show_path(Path(r["path"]))))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -180,7 +182,7 @@ def check_entry(spec: ModelSpec, file: Path, *, use_cache: bool = False) -> Chec
     if not file.is_file():
         res.fail(f"file {file} is missing" + (f"; run `gpt4all-j-server pull {spec.id}`" if spec.url else ""))
         return res
-    exp = _expected(spec)
+    exp = expected_of(spec)
     res.layout, detail = _layout(file)
     converted = spec.needs_conversion and res.layout == "standard"
     record = read_sidecar(file, fresh_only=False)
@@ -193,7 +195,7 @@ def check_entry(spec: ModelSpec, file: Path, *, use_cache: bool = False) -> Chec
         elif _source_matches(source, exp) is False:
             res.fail("it was converted from a download whose checksum does not match the registry")
         else:
-            got = record["sha256"] if use_cache and fresh else _hash(file, ("sha256",))["sha256"]
+            got = record["sha256"] if use_cache and fresh else hash_with_progress(file, ("sha256",))["sha256"]
             if got != record["sha256"]:
                 res.fail(f"sha256: expected {record['sha256']} (recorded at conversion), got {got}")
             else:
@@ -207,7 +209,7 @@ def check_entry(spec: ModelSpec, file: Path, *, use_cache: bool = False) -> Chec
         if use_cache and fresh and all(fresh.get(a) for a in algos):
             digests = {a: fresh[a] for a in algos}
         else:
-            digests = _hash(file, algos)
+            digests = hash_with_progress(file, algos)
             write_sidecar(file, digests)
         try:
             check_digests(f"{file}", exp, file.stat().st_size, digests)
@@ -230,7 +232,8 @@ def check_entry(spec: ModelSpec, file: Path, *, use_cache: bool = False) -> Chec
     return res
 
 
-def _hash(file: Path, algos: tuple[str, ...]) -> dict[str, str]:
+def hash_with_progress(file: Path, algos: tuple[str, ...]) -> dict[str, str]:
+    """Hash a file, showing progress when it takes more than 2 s."""
     rep = Reporter(f"hashing {file.name}", quiet_for=2.0)
     try:
         return hash_file(file, algos, rep)
@@ -252,7 +255,7 @@ def cmd_verify(path: Path, name: str | None) -> int:
     for spec, file in entries:
         res = check_entry(spec, file)
         failed += not res.ok
-        print(f"{spec.id}: {'OK' if res.ok else 'FAIL'} ({_show(file)})")
+        print(f"{spec.id}: {'OK' if res.ok else 'FAIL'} ({show_path(file)})")
         for note in res.notes:
             print(f"  - {note}")
     return 1 if failed else 0

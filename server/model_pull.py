@@ -18,7 +18,7 @@ from backends.download import (
     write_sidecar,
 )
 from backends.registry import ModelSpec
-from server.model_cli import _expected, _hash, _show, check_entry, find_entry, load_entries
+from server.model_cli import check_entry, expected_of, find_entry, hash_with_progress, load_entries, show_path
 from server.progress import CliError, Reporter, human_bytes, note as _note
 
 # --- pull ---------------------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ def cmd_pull(path: Path, name: str, *, force: bool = False, keep_original: bool 
         res = check_entry(spec, file, use_cache=True)
         if res.ok:
             state = "verified" if res.verified else "unverified"
-            print(f"{spec.id}: already present ({state}): {_show(file)}; use --force to download it again")
+            print(f"{spec.id}: already present ({state}): {show_path(file)}; use --force to download it again")
             for note in res.notes:
                 print(f"  - {note}")
             return 0
@@ -73,24 +73,24 @@ def cmd_pull(path: Path, name: str, *, force: bool = False, keep_original: bool 
             os.replace(file, legacy)
             remove_sidecar(file)
             return _convert_in_place(spec, legacy, file, keep_original, digests or None)
-        _note(f"{_show(file)} fails verification ({'; '.join(res.notes)}); downloading it again")
+        _note(f"{show_path(file)} fails verification ({'; '.join(res.notes)}); downloading it again")
     target = legacy if spec.needs_conversion else file
-    if spec.needs_conversion and legacy.is_file() and not force and _expected(spec).digests():
+    if spec.needs_conversion and legacy.is_file() and not force and expected_of(spec).digests():
         try:
-            digests = _hash(legacy, ("sha256", "md5"))
-            check_digests(str(legacy), _expected(spec), legacy.stat().st_size, digests)
-            _note(f"using the verified original download already at {_show(legacy)}")
+            digests = hash_with_progress(legacy, ("sha256", "md5"))
+            check_digests(str(legacy), expected_of(spec), legacy.stat().st_size, digests)
+            _note(f"using the verified original download already at {show_path(legacy)}")
             return _convert_in_place(spec, legacy, file, keep_original, digests)
         except ChecksumMismatch as exc:
-            _note(f"{_show(legacy)} does not match the registry ({exc}); downloading it again")
+            _note(f"{show_path(legacy)} does not match the registry ({exc}); downloading it again")
     part = target.with_name(target.name + ".part")
     if force and part.is_file():
         part.unlink()
     _check_space(file.parent, spec, part)
-    print(f"downloading {spec.url} -> {_show(target)}", file=sys.stderr, flush=True)
+    print(f"downloading {spec.url} -> {show_path(target)}", file=sys.stderr, flush=True)
     rep = Reporter(f"{spec.id}")
     try:
-        result = download(spec.url, part, expected=_expected(spec), algos=("sha256",), progress=rep,
+        result = download(spec.url, part, expected=expected_of(spec), algos=("sha256",), progress=rep,
                           notify=lambda m: (rep.finish(), _note(m)), retries=retries, retry_wait=retry_wait,
                           timeout=timeout)
     except KeyboardInterrupt:
@@ -104,19 +104,19 @@ def cmd_pull(path: Path, name: str, *, force: bool = False, keep_original: bool 
     finally:
         rep.finish()
     try:
-        check_digests(spec.url, _expected(spec), result.size, result.digests)
+        check_digests(spec.url, expected_of(spec), result.size, result.digests)
     except ChecksumMismatch as exc:
         part.unlink(missing_ok=True)
         raise CliError(f"{spec.id}: the download does not match the registry: {'; '.join(exc.problems)}; "
                        "it was deleted and nothing was installed") from None
     os.replace(part, target)
-    checked = ", ".join(f"{a} {result.digests[a]}" for a in _expected(spec).digests())
+    checked = ", ".join(f"{a} {result.digests[a]}" for a in expected_of(spec).digests())
     checked = f"verified: {checked}" if checked else "no checksum in the registry to verify it"
     if not spec.needs_conversion:
         write_sidecar(file, result.digests)
-        print(f"{spec.id}: downloaded {human_bytes(result.size)} to {_show(file)} ({checked})")
+        print(f"{spec.id}: downloaded {human_bytes(result.size)} to {show_path(file)} ({checked})")
         return 0
-    _note(f"downloaded {human_bytes(result.size)} to {_show(legacy)} ({checked})")
+    _note(f"downloaded {human_bytes(result.size)} to {show_path(legacy)} ({checked})")
     return _convert_in_place(spec, legacy, file, keep_original, result.digests)
 
 
@@ -127,7 +127,7 @@ def _convert_in_place(spec: ModelSpec, legacy: Path, file: Path, keep_original: 
     from backends.ggml.convert import convert_legacy
 
     if digests is None:
-        digests = _hash(legacy, ("sha256", "md5"))
+        digests = hash_with_progress(legacy, ("sha256", "md5"))
     source = {"file": legacy.name, "url": spec.url, "size": legacy.stat().st_size, **digests}
     rep = Reporter(f"converting {spec.id}", byte_units=False, counting="tensors")
     try:
@@ -138,12 +138,12 @@ def _convert_in_place(spec: ModelSpec, legacy: Path, file: Path, keep_original: 
             from None
     finally:
         rep.finish()
-    write_sidecar(file, _hash(file, ("sha256",)), converted_from=source)
+    write_sidecar(file, hash_with_progress(file, ("sha256",)), converted_from=source)
     if not keep_original:
         legacy.unlink()
-    kept = f"; original kept at {_show(legacy)}" if keep_original else ""
+    kept = f"; original kept at {show_path(legacy)}" if keep_original else ""
     print(f"{spec.id}: converted {report.src_ftype} -> {report.dst_ftype} ({report.tensors} tensors, "
-          f"{human_bytes(report.bytes_written)}) to {_show(file)}{kept}")
+          f"{human_bytes(report.bytes_written)}) to {show_path(file)}{kept}")
     return 0
 
 

@@ -56,3 +56,36 @@ def write_random(path: Path, ftype: str = "q4_0", n_ctx: int = 128, n_embd: int 
                         ftype=ftype)
     write_model(path, config, vocab=default_vocab(512), seed=seed, kind="random")
     return path
+
+
+def load_engine(path: Path):
+    """The file loaded by ctransformers' low-level LLM (1 thread, this CPU's library)."""
+    from ctransformers import llm
+
+    from backends.engine import cpu_library
+
+    return llm.LLM(str(path), "gptj", config=llm.Config(threads=1), lib=cpu_library())
+
+
+def engine_logits(engine, n_vocab: int):
+    """A copy of the engine's logits for the last evaluated token."""
+    import ctypes
+
+    import numpy as np
+
+    size = engine.ctransformers_llm_logits_size()
+    ptr = ctypes.cast(engine.ctransformers_llm_logits_data(), ctypes.POINTER(ctypes.c_float))
+    return np.ctypeslib.as_array(ptr, shape=(size,))[size - n_vocab:].copy()
+
+
+def wrong_successors(engine, contexts, successor: list[int], n_vocab: int) -> list[tuple[int, int, int]]:
+    """(token, greedy next, expected) for each context token whose greedy next is not its successor."""
+    import numpy as np
+
+    wrong = []
+    for t in contexts:
+        engine.eval([int(t)])
+        got = int(np.argmax(engine_logits(engine, n_vocab)))
+        if got != successor[t]:
+            wrong.append((int(t), got, successor[t]))
+    return wrong

@@ -21,7 +21,6 @@ lossless: converting gives back the standard file byte for byte.
 
 from __future__ import annotations
 
-import ctypes
 import shlex
 import struct
 import tracemalloc
@@ -35,6 +34,7 @@ from backends.ggml.constants import GGML_TYPE_F32, GGML_TYPE_Q4_0, GGML_TYPE_Q4_
 from backends.ggml import convert as convert_module
 from backends.ggml.convert import ConvertError, convert_legacy
 from backends.ggml.reader import LegacyModelFileError, convert_command, converted_path, read_hparams
+from tests.models import load_engine, wrong_successors
 
 SMALL = dict(n_vocab=320, n_ctx=64, n_embd=64, n_head=4, n_layer=2, n_rot=8)
 N_TENSORS = 25  # wte, 10 per layer, ln_f (2), lm_head (2)
@@ -165,20 +165,8 @@ def test_repack_is_lossless_when_scales_fit_fp16(tmp_path, ftype):
 
 # ---------------------------------------------------------------- the converted file runs in ctransformers
 
-ctransformers_llm = pytest.importorskip("ctransformers.llm")
+pytest.importorskip("ctransformers.llm")
 SUCC = dict(SMALL, n_vocab=512, n_ctx=256)
-
-
-def _load(path):
-    from backends.engine import cpu_library
-
-    return ctransformers_llm.LLM(str(path), "gptj", config=ctransformers_llm.Config(threads=1), lib=cpu_library())
-
-
-def _logits(llm, n_vocab: int) -> np.ndarray:
-    size = llm.ctransformers_llm_logits_size()
-    ptr = ctypes.cast(llm.ctransformers_llm_logits_data(), ctypes.POINTER(ctypes.c_float))
-    return np.ctypeslib.as_array(ptr, shape=(size,))[size - n_vocab :].copy()
 
 
 def _greedy(llm, start: int, n: int) -> list[int]:
@@ -199,20 +187,15 @@ def test_converted_successor_model_generates_like_the_standard_one(tmp_path, fty
     convert_legacy(legacy, conv)
     eos = inspect_model(conv).eos_token_id
     successor = [t + 1 for t in range(SUCC["n_vocab"] - 1)] + [eos]
-    llm = _load(conv)
+    llm = load_engine(conv)
     try:
         order = np.random.default_rng(0).permutation(SUCC["n_vocab"])[:200]  # arbitrary contexts
-        wrong = []
-        for t in order:
-            llm.eval([int(t)])
-            got = int(np.argmax(_logits(llm, SUCC["n_vocab"])))
-            if got != successor[t]:
-                wrong.append((int(t), got, successor[t]))
+        wrong = wrong_successors(llm, order, successor, SUCC["n_vocab"])
         assert not wrong, f"{len(wrong)} tokens with the wrong greedy successor, e.g. {wrong[:5]}"
         got = [_greedy(llm, start, 24) for start in (5, 300)]
     finally:
         del llm
-    ref = _load(std)
+    ref = load_engine(std)
     try:
         want = [_greedy(ref, start, 24) for start in (5, 300)]
     finally:

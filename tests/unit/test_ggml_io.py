@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import struct
 import time
@@ -31,6 +30,7 @@ from backends.ggml.constants import (
     gptj_tensor_shapes,
     tensors_per_model,
 )
+from tests.models import engine_logits, load_engine, wrong_successors
 
 FTYPES = ["f32", "f16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
 FTYPE_CODES = {"f32": 0, "f16": 1, "q4_0": 2002, "q4_1": 2003, "q5_0": 2008, "q5_1": 2009, "q8_0": 2007}
@@ -355,17 +355,7 @@ def test_legacy_check_is_cheap_on_a_6b_sized_file(tmp_path):
 
 # ---------------------------------------------------------------- ctransformers loads what we write
 
-ctransformers_llm = pytest.importorskip("ctransformers.llm")
-
-
-def _load(path):
-    return ctransformers_llm.LLM(str(path), "gptj", config=ctransformers_llm.Config(threads=1), lib="avx2")
-
-
-def _logits(llm, n_vocab: int) -> np.ndarray:
-    size = llm.ctransformers_llm_logits_size()
-    ptr = ctypes.cast(llm.ctransformers_llm_logits_data(), ctypes.POINTER(ctypes.c_float))
-    return np.ctypeslib.as_array(ptr, shape=(size,))[size - n_vocab :].copy()
+pytest.importorskip("ctransformers.llm")
 
 
 SUCC = dict(SMALL, n_vocab=512, n_ctx=640)
@@ -378,16 +368,11 @@ def test_ctransformers_greedy_follows_successor(tmp_path, ftype):
     info = inspect_model(path)
     eos = info.eos_token_id
     successor = [t + 1 for t in range(SUCC["n_vocab"] - 1)] + [eos]
-    llm = _load(path)
+    llm = load_engine(path)
     try:
         assert (llm.vocab_size, llm.context_length, llm.eos_token_id) == (SUCC["n_vocab"], SUCC["n_ctx"], eos)
         order = np.random.default_rng(0).permutation(SUCC["n_vocab"])  # arbitrary contexts
-        wrong = []
-        for t in order:
-            llm.eval([int(t)])
-            got = int(np.argmax(_logits(llm, SUCC["n_vocab"])))
-            if got != successor[t]:
-                wrong.append((int(t), got, successor[t]))
+        wrong = wrong_successors(llm, order, successor, SUCC["n_vocab"])
         assert not wrong, f"{len(wrong)} tokens with the wrong greedy successor, e.g. {wrong[:5]}"
     finally:
         del llm
@@ -398,11 +383,11 @@ def test_ctransformers_many_to_one_successor(tmp_path):
     successor = [int(s) for s in rng.integers(0, 40, SUCC["n_vocab"])]  # ~13 tokens share each target
     path = tmp_path / "succ-many.bin"
     write_model(path, GPTJConfig(ftype="q4_0", **SUCC), kind="successor", successor=successor)
-    llm = _load(path)
+    llm = load_engine(path)
     try:
         for t in range(0, SUCC["n_vocab"], 3):
             llm.eval([t])
-            assert int(np.argmax(_logits(llm, SUCC["n_vocab"]))) == successor[t]
+            assert int(np.argmax(engine_logits(llm, SUCC["n_vocab"]))) == successor[t]
     finally:
         del llm
 
@@ -413,9 +398,9 @@ def test_ctransformers_loads_random_model_and_context_matters(tmp_path, ftype):
     write_model(path, GPTJConfig(ftype=ftype, **SMALL), seed=5)
     outs = []
     for prefix in ([1, 2, 3], [200, 100, 3]):  # same last token, different context
-        llm = _load(path)
+        llm = load_engine(path)
         llm.eval(prefix)
-        outs.append(_logits(llm, V))
+        outs.append(engine_logits(llm, V))
         del llm
     assert outs[0].std() > 0.5
     assert np.max(np.abs(outs[0] - outs[1])) > 0.1
