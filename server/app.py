@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -43,7 +44,7 @@ def pool_policy(settings: Settings) -> PoolPolicy:
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
     """Build the FastAPI app; the registry is loaded now (so errors surface before serving)."""
     settings = settings or Settings()
-    registry = registry or resolve(settings.registry, create_missing=settings.create_demo,
+    registry = registry or resolve(settings.registry or Path("model_registry.yaml"), create_missing=settings.create_demo,
                                    default_threads=settings.default_threads)
     metrics = Metrics()
 

@@ -28,6 +28,7 @@ class RequestRecord:
     completion_tokens: int = 0
     ttft: float | None = None
     status: int = 0
+    outcome: str | None = None  # how a generation ended: done, error:<code>, client_gone, cut:<why>
 
 
 def route_label(path: str) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -20,7 +20,11 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to bind; use 0.0.0.0 to expose the server.")
     port: int = Field(4891, ge=0, le=65535, description="TCP port to listen on.")
-    registry: Path = Field(Path("model_registry.yaml"), description="Path of the model registry YAML file.")
+    registry: Path | None = Field(
+        None, description="Model registry YAML file. Unset: ./model_registry.yaml if present, else the per-user "
+                          "registry in the config folder (created on first run with the demo model).")
+    data_dir: Path | None = Field(None, description="Per-user data folder (models of the per-user registry, "
+                                                    "state); unset = $XDG_DATA_HOME/gpt4all-j-server.")
     # admission and time limits
     default_max_queue: int = Field(
         64, ge=0, description="Requests that may wait per model when its registry entry sets no max_queue."
@@ -32,7 +36,30 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
     max_n: int = Field(8, ge=1, le=128, description="Largest `n` (choices per prompt) a request may ask for.")
     max_prompts: int = Field(16, ge=1, description="Largest number of prompts in one completions request.")
-    retry_after: int = Field(1, ge=1, description="Seconds sent in Retry-After with a 503.")
+    retry_after: int = Field(1, ge=1, description="Seconds sent in Retry-After with a 503 for a full queue.")
+    # connections (the HTTP edge: safe on 0.0.0.0 without a proxy)
+    max_header_bytes: int = Field(32 * 1024, ge=1024, le=1024 * 1024,
+                                  description="Largest request line plus headers of one request (431 above).")
+    max_headers: int = Field(100, ge=8, le=10_000, description="Most header fields in one request (431 above).")
+    header_timeout: float = Field(10.0, gt=0, description="Seconds a client has to send a request's complete "
+                                                          "headers (from connecting or from its previous "
+                                                          "response); then the connection is closed.")
+    body_timeout: float = Field(30.0, gt=0, description="Seconds a client has to send a request's whole body "
+                                                        "once its headers are in (408 after).")
+    keep_alive_timeout: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection is kept.")
+    max_connections: int = Field(0, ge=0, description="Most open client connections; beyond it the oldest idle "
+                                                      "ones are closed first. 0 = from the open-file limit.")
+    send_timeout: float = Field(60.0, gt=0, description="Seconds a streaming client may go without taking any "
+                                                        "data once its buffer is full; then the stream ends.")
+    # workers
+    worker_stall_timeout: float = Field(60.0, gt=0,
+                                        description="Seconds a busy worker may go without progress (a token, a "
+                                                    "prompt chunk or a heartbeat) before it is killed and "
+                                                    "replaced; its request ends with an error.")
+    max_workers: int = Field(64, ge=1, description="Most worker processes a registry may start in all.")
+    memory_budget_mb: int = Field(0, ge=0, description="Memory the workers may use in all, in MiB; a registry "
+                                                       "that needs more is refused. 0 = the machine's (or "
+                                                       "cgroup's) memory.")
     # workers
     load_timeout: float = Field(300.0, gt=0, description="Seconds a worker may take to load its model.")
     restart_limit: int = Field(5, ge=1, description="Worker crashes within restart_window that make a model "
@@ -57,6 +84,8 @@ class Settings(BaseSettings):
     cors_origins: CommaList = Field([], description="Origins allowed by CORS (comma-separated); none = CORS off.")
     # operation
     log_level: str = Field("info", description="Log level: debug, info, warning or error.")
+    log_format: Literal["text", "json"] = Field("text", description="Log line format: text (one line, "
+                                                                  "timestamped) or json (one object per line).")
     access_log: bool = Field(True, description="Write one access log line per request.")
     create_demo: bool = Field(True, description="Write registry models marked create_if_missing when absent.")
 
