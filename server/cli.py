@@ -168,19 +168,6 @@ def _inspect(path: Path) -> int:
 
 
 def _serve(settings: Settings) -> int:
-    import uvicorn
+    from server.serve import run
 
-    from backends.registry import RegistryError
-    from server.app import create_app
-
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        app = create_app(settings)
-    except RegistryError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                access_log=False,  # our own access log line carries the request id, model and tokens
-                timeout_graceful_shutdown=settings.shutdown_grace + 1)
-    return 0
+    return run(settings)
