@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from backends.pool import PoolModel, PoolPolicy, WorkerPool
 from backends.registry import Registry, resolve
 from server.errors import install_error_handlers
+from server.lifecycle import Lifecycle
 from server.metrics import Metrics
 from server.middleware import RequestContext
 from server.routes import health, openai
@@ -50,9 +52,12 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        lifecycle: Lifecycle = app.state.lifecycle
         pool = WorkerPool(pool_models(registry, settings), load_timeout=settings.load_timeout,
                           policy=pool_policy(settings))
-        await pool.start()
+        if not await _start_unless_stopped(pool, lifecycle):
+            yield  # a signal came during the load: serve nothing, let the server exit at once
+            return
         metrics.watch_pool(pool)
         app.state.pool = pool
         app.state.service = InferenceService(registry, pool, settings, metrics)
@@ -67,6 +72,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = metrics
+    app.state.lifecycle = Lifecycle(settings.shutdown_grace)
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(health.router)
@@ -74,11 +80,27 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     return app
 
 
+async def _start_unless_stopped(pool: WorkerPool, lifecycle: Lifecycle) -> bool:
+    """Load the models, unless SIGTERM/SIGINT arrives first: then stop loading at once (False)."""
+    start = asyncio.ensure_future(pool.start())
+    stop = asyncio.ensure_future(lifecycle.stopping.wait())
+    await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
+    stop.cancel()
+    if start.done():
+        start.result()
+        return True
+    log.warning("stop requested while models were loading: loading abandoned")
+    start.cancel()
+    try:
+        await start
+    except asyncio.CancelledError:
+        pass
+    await pool.stop()
+    return False
+
+
 def _add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
-    """CORS (only with an allowlist) inside the request context (id, auth, body cap, access log)."""
-    if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
-                           allow_headers=["*"], expose_headers=["X-Request-ID"])
+    """The request context (id, auth, body cap, access log) inside CORS, so every answer gets CORS headers."""
     open_paths = set()
     if not settings.auth_health:
         open_paths |= {"/health", "/ready"}
@@ -86,6 +108,9 @@ def _add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
         open_paths.add("/metrics")
     app.add_middleware(RequestContext, keys=settings.all_api_keys(), open_paths=open_paths,
                        max_body=settings.max_body_bytes, metrics=metrics, log_requests=settings.access_log)
+    if settings.cors_origins:  # added last = outermost: answers preflights, decorates 401/413 too
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Request-ID"])
 
 
 def _log_startup(registry: Registry, pool: WorkerPool) -> None:
