@@ -6,8 +6,8 @@ from pathlib import Path
 
 DEMO_REPLY = (
     " Hello! I am the demo model of gpt4all-j-server: a tiny GPT-J written by this server itself,"
-    " so you can try its API right away. Add real GPT4All-J weights to model_registry.yaml for"
-    " useful answers."
+    " so you can try its API right away. For useful answers, download GPT4All-J with:"
+    " gpt4all-j-server pull gpt4all-j"
 )
 EOS = b"<|endoftext|>"
 

@@ -17,6 +17,7 @@ import re
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,8 @@ def check_digests(what: str, expected: Expected, size: int, digests: dict[str, s
 def _transient(exc: BaseException) -> bool:
     if isinstance(exc, urllib.error.HTTPError):
         return exc.code in _TRANSIENT_STATUS
+    if _unresolved(exc):  # no network or no DNS: waiting 30 s will not bring them back
+        return False
     return isinstance(exc, (urllib.error.URLError, http.client.HTTPException, ConnectionError,
                             TimeoutError, socket.timeout, _ShortRead))
 
@@ -141,9 +144,18 @@ class _Restart(Exception):
     """The part cannot be resumed: start again from byte 0."""
 
 
-def _describe(exc: BaseException) -> str:
+def _unresolved(exc: BaseException) -> bool:
+    """The host name could not be resolved (urllib wraps socket.gaierror in URLError)."""
+    return isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, socket.gaierror)
+
+
+def _describe(exc: BaseException, url: str = "") -> str:
     if isinstance(exc, urllib.error.HTTPError):
         return f"HTTP {exc.code} {exc.reason}"
+    if _unresolved(exc):
+        host = urllib.parse.urlsplit(url).hostname or url
+        why = exc.reason.strerror or exc.reason
+        return f"cannot resolve host {host} (no network or DNS?): {why}"
     if isinstance(exc, urllib.error.URLError):
         return f"cannot connect: {exc.reason}"
     if isinstance(exc, _ShortRead):
@@ -217,15 +229,13 @@ def _download(url: str, part: Path, expected: Expected, algos: tuple[str, ...], 
                 f.flush()
                 offset = os.fstat(f.fileno()).st_size
                 if not _transient(exc):
-                    raise DownloadError(f"{url}: {_describe(exc)}") from None
+                    raise DownloadError(f"{url}: {_describe(exc, url)}{_kept(offset, part)}") from None
                 failures = 1 if offset > before else failures + 1  # progress starts a new streak
                 if failures > retries:
-                    raise DownloadError(
-                        f"{url}: {_describe(exc)}; gave up after {retries + 1} attempts "
-                        f"({offset:,} bytes kept in {part} for a later resume)"
-                    ) from None
+                    raise DownloadError(f"{url}: {_describe(exc, url)}; gave up after {retries + 1} attempts"
+                                        f"{_kept(offset, part)}") from None
                 wait = max(retry_wait * 2 ** max(0, failures - 1), _retry_after(exc))
-                say(f"{_describe(exc)} ({offset:,} bytes so far); retrying in {wait:g}s "
+                say(f"{_describe(exc, url)} ({offset:,} bytes so far); retrying in {wait:g}s "
                     f"(attempt {failures + 1} of {retries + 1})")
                 time.sleep(wait)
                 result.attempts += 1
@@ -296,6 +306,11 @@ def _attempt(url: str, f, hashes: _Hashes, offset: int, expected: Expected, time
     if total is not None and offset < total:
         raise _ShortRead(f"the connection closed early (expected {total:,} bytes)")
     return offset
+
+
+def _kept(offset: int, part: Path) -> str:
+    """What is left for a resume: the part only when it holds bytes (an empty one is deleted)."""
+    return f" ({offset:,} bytes kept in {part} for a later resume)" if offset else " (nothing was downloaded)"
 
 
 def _retry_after(exc: BaseException) -> float:

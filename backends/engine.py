@@ -27,6 +27,8 @@ from backends.types import (
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 32  # larger first batches overflow ctransformers' scratch pool (engine-facts.md)
+NON_FINITE = ("the model produced non-finite logits (NaN or infinity): its weights are probably corrupt; "
+              "check or re-download the model file")
 
 
 class ContextOverflow(Exception):
@@ -52,7 +54,7 @@ def step_seed(seed: int, step: int) -> int:
 class Engine:
     """One loaded GPT-J model, driven token by token; not thread-safe (one per process)."""
 
-    def __init__(self, path: str, *, threads: int = 1, batch_size: int = 8) -> None:
+    def __init__(self, path: str, *, threads: int = 1, batch_size: int = 8, progress=None) -> None:
         from ctransformers.llm import LLM, Config
 
         self.info = inspect_model(path)  # never hand a bad file to the engine
@@ -67,6 +69,12 @@ class Engine:
         self.n_vocab = self._lib.ctransformers_llm_vocab_size(self._ptr)
         self.eos = self._lib.ctransformers_llm_eos_token_id(self._ptr)
         self.context: list[int] = []  # tokens whose keys/values are in the engine's cache
+        self.progress = progress  # a shared counter (multiprocessing RawValue) bumped per evaluation
+
+    def beat(self) -> None:
+        """Show progress to the server's watchdog (one shared-memory increment)."""
+        if self.progress is not None:
+            self.progress.value += 1
 
     @property
     def limits(self) -> ModelLimits:
@@ -81,17 +89,20 @@ class Engine:
         return buf[:n]
 
     def _eval(self, tokens: list[int]) -> None:
-        """Evaluate tokens after the cached context."""
-        if not tokens:
-            return
-        arr = (ctypes.c_int * len(tokens))(*tokens)
-        ok = self._lib.ctransformers_llm_batch_eval(
-            self._ptr, arr, len(tokens), len(self.context), self.batch_size, self.threads
-        )
-        if not ok:
-            self.context.clear()
-            raise RuntimeError("the engine failed to evaluate tokens")
-        self.context.extend(tokens)
+        """Evaluate tokens after the cached context, batch_size at a time (as the engine would),
+        showing progress after each chunk so a long prompt is not taken for a hung worker."""
+        step = self.batch_size
+        for start in range(0, len(tokens), step):
+            chunk = tokens[start : start + step]
+            arr = (ctypes.c_int * len(chunk))(*chunk)
+            ok = self._lib.ctransformers_llm_batch_eval(
+                self._ptr, arr, len(chunk), len(self.context), step, self.threads
+            )
+            if not ok:
+                self.context.clear()
+                raise RuntimeError("the engine failed to evaluate tokens")
+            self.context.extend(chunk)
+            self.beat()
 
     def prefill(self, prompt: list[int], reuse: bool = True) -> int:
         """Evaluate a prompt, reusing the longest common prefix with the cached context if allowed."""
@@ -140,6 +151,10 @@ class Engine:
             return
         cached = self.prefill(prompt, job.reuse_prefix)
         yield Started(job.job_id, len(prompt), cached)
+        if not np.isfinite(self.logits()).all():  # once per job: corrupt weights that passed inspection
+            self.context.clear()
+            yield Failed(job.job_id, ErrorKind.INTERNAL, NON_FINITE)
+            return
         yield from self._decode(job, budget, should_stop)
 
     def _budget(self, job: GenerationJob, prompt: list[int]) -> int:
@@ -166,7 +181,7 @@ class Engine:
         counts: dict[int, int] = {}
         produced = 0
         reason = FinishReason.LENGTH
-        deadline = time.monotonic() + job.time_limit if job.time_limit else None
+        deadline = time.monotonic() + job.time_limit if job.time_limit is not None else None
         timed_out = False
         while produced < budget:
             if should_stop():
@@ -178,6 +193,10 @@ class Engine:
             lp = None
             if shaping or job.logprobs is not None:  # only then is a numpy view of the logits needed
                 logits = self.logits()
+                if not np.isfinite(logits).all():
+                    self.context.clear()
+                    yield Failed(job.job_id, ErrorKind.INTERNAL, NON_FINITE)
+                    return
                 lp = top_logprobs(logits, job.logprobs) if job.logprobs is not None else None
                 if shaping:
                     shape_logits(logits, params, counts)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from backends.types import Event, Failed, Finished, GenerationJob, ModelLimits
+from backends.types import Event, Failed, Finished, FinishReason, GenerationJob, ModelLimits, Started
 
 
 class QueueFull(Exception):
@@ -15,6 +15,10 @@ class QueueFull(Exception):
 
 class ModelUnavailable(Exception):
     """The model has no live workers (crash loop, or shutting down)."""
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds until it is worth retrying; None = unknown
 
 
 @dataclass(frozen=True)
@@ -40,16 +44,46 @@ class PoolPolicy:
     restart_limit: int = 5
     restart_window: float = 60.0
     restart_cooldown: float = 30.0
+    stall_timeout: float = 60.0  # a busy worker without progress this long is killed and replaced
+
+
+@dataclass
+class JobGroup:
+    """The jobs of one request: the queue timeout ends and the time limit starts at its first dispatch."""
+
+    started: bool = False  # a job of the request has reached a worker: the others no longer expire
+    deadline: float | None = None  # monotonic end of the request's time limit, shared by its jobs
+
+
+def out_of_time(group: JobGroup | None) -> bool:
+    """The request's shared time limit is over."""
+    return group is not None and group.deadline is not None and time.monotonic() >= group.deadline
+
+
+def with_time_left(job: GenerationJob, group: JobGroup | None, now: float) -> GenerationJob:
+    """The job as sent to its worker: the first of a request starts the request's clock (and ends its
+    queue timeout); later ones get what is left of the time limit."""
+    if group is None:
+        return job
+    if not group.started:
+        group.started = True
+        if job.time_limit is not None:
+            group.deadline = now + job.time_limit
+    if group.deadline is None:
+        return job
+    return replace(job, time_limit=max(0.0, group.deadline - now))
 
 
 class JobHandle:
     """A submitted job: its events go to a sink as (tag, event); cancellable at any time."""
 
-    def __init__(self, job: GenerationJob, pool, sink: asyncio.Queue | None = None, tag: int = 0) -> None:
+    def __init__(self, job: GenerationJob, pool, sink: asyncio.Queue | None = None, tag: int = 0,
+                 group: JobGroup | None = None) -> None:
         self.job = job
         self._pool = pool
         self._events: asyncio.Queue = sink if sink is not None else asyncio.Queue()
         self.tag = tag
+        self.group = group
         self.worker: WorkerProc | None = None
         self.done = False
         self.cancel_sent = False
@@ -68,6 +102,13 @@ class JobHandle:
         if not self.done:
             self._pool.cancel(self)
 
+    def finish_unstarted(self) -> None:
+        """End a job whose request ran out of time before it reached a worker: no tokens, 'length'."""
+        self.dispatched_at = time.monotonic()
+        job = self.job
+        self.deliver(Started(job.job_id, len(job.prompt) if isinstance(job.prompt, list) else 0, 0))
+        self.deliver(Finished(job.job_id, FinishReason.LENGTH, 0, timed_out=True))
+
     @property
     def queue_wait(self) -> float | None:
         """Seconds between submission and dispatch to a worker."""
@@ -81,9 +122,18 @@ class WorkerProc:
     index: int
     process: object
     conn: object
+    progress: object = None  # shared counter the worker bumps per token, prompt chunk and job received
+    pid: int = 0
     limits: ModelLimits | None = None
     job: JobHandle | None = None
     ready: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     alive: bool = True
     cached: list[int] = field(default_factory=list)  # the server's view of the tokens in its KV cache
     last_used: float = 0.0  # when it last got a job (least recently used wins ties)
+    seen: int = 0  # the progress counter at the last check
+    dispatch_seen: int = 0  # the progress counter when its current job was sent (unchanged = never taken)
+    progress_at: float = 0.0  # when the counter last moved (or a job was dispatched)
+    load_error: str | None = None  # what the worker said when it could not load the model
+    killed_because: str | None = None  # why the pool killed it (stall, load timeout)
+    load_timer: asyncio.TimerHandle | None = None
+    spawn_failures: int = 0  # failed attempts to start a replacement for this (dead) worker

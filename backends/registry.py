@@ -5,23 +5,24 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from backends.ggml.errors import LegacyModelFileError, convert_command, converted_path
 from backends.ggml.reader import ModelFileError, ModelInfo, inspect_model, read_vocab
+from backends.registry_budget import check_budget
+from backends.registry_load import RegistryError, describe_kind, read_yaml, where
+from backends.registry_paths import is_default_registry, locate_registry
 from backends.templates import BUILTIN_TEMPLATES, PromptTemplate
 from backends.tokenizer import Tokenizer
 
+__all__ = ["ModelSpec", "Registry", "RegistryError", "RegistryFile", "ServedModel", "entry_file",
+           "load_registry_file", "locate_registry", "resolve"]
+
 log = logging.getLogger(__name__)
-
-
-class RegistryError(ValueError):
-    """The registry file is invalid; the message names the file, the entry and the field."""
 
 
 class _Strict(BaseModel):
@@ -88,6 +89,10 @@ class ModelSpec(_Strict):
 class RegistryFile(_Strict):
     """The whole registry file."""
 
+    model_dir: str | None = Field(None, min_length=1, description="Folder that relative model paths are "
+                                                                 "relative to (itself relative to the registry "
+                                                                 "file's folder; ~ expands); default: the "
+                                                                 "registry file's folder.")
     templates: dict[str, TemplateSpec] = {}
     models: list[ModelSpec] = Field(min_length=1)
 
@@ -124,7 +129,9 @@ class Registry:
     source: Path
     entries: list[ModelSpec]
     served: list[ServedModel]
-    skipped: dict[str, str]
+    skipped: dict[str, str]  # id -> why it is not served (for the log: names files)
+    unavailable: dict[str, str] = field(default_factory=dict)  # id -> the same for clients (no file paths)
+    not_downloaded: frozenset[str] = frozenset()  # ids of skipped entries whose file is simply absent
 
     def names(self) -> dict[str, ServedModel]:
         """Every id and alias of a served model."""
@@ -134,15 +141,22 @@ class Registry:
                 table[name] = m
         return table
 
+    def unserved(self, name: str) -> tuple[str, str] | None:
+        """(model id, reason) when `name` is the id or alias of an entry that is registered but not served.
+
+        The reason completes "The model `NAME` is ..." and names no file path, e.g. "registered but not
+        downloaded: run `gpt4all-j-server pull ID` on the server".
+        """
+        served = {m.spec.id for m in self.served}
+        for spec in self.entries:
+            if spec.id not in served and (name == spec.id or name in spec.aliases):
+                return spec.id, self.unavailable.get(spec.id, "registered but not served (see the server log)")
+        return None
+
 
 def load_registry_file(path: Path) -> RegistryFile:
     """Parse and validate the YAML file; errors name the file, the entry and the field."""
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise RegistryError(f"{path}: cannot read the registry: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise RegistryError(f"{path}: not valid YAML: {exc}") from None
+    raw = read_yaml(path)
     try:
         parsed = RegistryFile.model_validate(raw if raw is not None else {})
     except ValidationError as exc:
@@ -156,18 +170,14 @@ def _describe(path: Path, raw: object, exc: ValidationError) -> str:
     lines = [f"{path}: invalid model registry:"]
     for err in exc.errors():
         loc = list(err["loc"])
-        where = "top level"
-        if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
-            idx = loc[1]
-            entry = raw["models"][idx] if isinstance(raw, dict) else None
+        ident = None
+        if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int) and isinstance(raw, dict):
+            entry = raw["models"][loc[1]]
             ident = entry.get("id") if isinstance(entry, dict) else None
-            where = f"models[{idx}]" + (f" (id {ident!r})" if ident else "")
-            loc = loc[2:]
-        elif len(loc) >= 2 and loc[0] == "templates":
-            where = f"templates[{loc[1]!r}]"
-            loc = loc[2:]
-        field = ".".join(str(p) for p in loc) or "(entry)"
-        lines.append(f"  {where}: field '{field}': {err['msg']}")
+        place = where(loc, ident)
+        if len(loc) == 2 and loc[0] in ("models", "templates"):
+            place += ": field '(entry)'"
+        lines.append(f"  {place}: {err['msg']}")
     return "\n".join(lines)
 
 
@@ -176,10 +186,10 @@ def _check_names(path: Path, parsed: RegistryFile) -> None:
     seen: dict[str, str] = {}
     known = set(BUILTIN_TEMPLATES) | set(parsed.templates)
     for idx, m in enumerate(parsed.models):
-        for field, name in [("id", m.id)] + [("aliases", a) for a in m.aliases]:
+        for key, name in [("id", m.id)] + [("aliases", a) for a in m.aliases]:
             if name in seen:
                 raise RegistryError(
-                    f"{path}: models[{idx}] (id {m.id!r}): field '{field}': name {name!r} "
+                    f"{path}: models[{idx}] (id {m.id!r}): field '{key}': name {name!r} "
                     f"is already used by model {seen[name]!r}"
                 )
             seen[name] = m.id
@@ -197,9 +207,26 @@ def template_for(parsed: RegistryFile, name: str) -> PromptTemplate:
     return BUILTIN_TEMPLATES[name]
 
 
-def entry_file(registry: Path, spec: ModelSpec) -> Path:
-    """The absolute path of an entry's model file (relative paths are relative to the registry's folder)."""
-    return (Path(registry).resolve().parent / spec.path).resolve()
+def model_root(registry: Path, model_dir: str | None = None) -> Path:
+    """The folder relative model paths start from: model_dir (relative to the registry's folder), else that folder."""
+    folder = Path(registry).resolve().parent
+    return (folder / Path(model_dir).expanduser()).resolve() if model_dir else folder
+
+
+def entry_file(registry: Path, spec: ModelSpec, model_dir: str | None = None) -> Path:
+    """The absolute path of an entry's model file (relative paths are relative to the model folder)."""
+    return (model_root(registry, model_dir) / spec.path).resolve()
+
+
+def file_problem(file: Path) -> str | None:
+    """None for a regular file, else what the path is instead ("missing", "a directory", ...); never opens it."""
+    try:
+        kind = describe_kind(file.stat().st_mode)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    return kind
 
 
 def engine_threads(spec: ModelSpec, default: int = 0) -> int:
@@ -207,76 +234,117 @@ def engine_threads(spec: ModelSpec, default: int = 0) -> int:
     return spec.threads or default or max(1, usable_cpus() // spec.workers)
 
 
-def resolve(path: Path, create_missing: bool = True, default_threads: int = 0) -> Registry:
-    """Load the registry and find which entries can be served, writing the demo model if needed."""
+def resolve(path: Path, create_missing: bool = True, default_threads: int = 0, max_workers: int | None = None,
+            memory_budget_mb: int | None = None) -> Registry:
+    """Load the registry and find which entries can be served, writing the demo model if needed.
+
+    max_workers / memory_budget_mb (None = unchecked; a budget of 0 = the machine's memory) refuse, with a
+    RegistryError, a registry whose served entries need more worker processes or memory than that.
+    """
     path = Path(path).resolve()
     parsed = load_registry_file(path)
     served: list[ServedModel] = []
     skipped: dict[str, str] = {}
+    unavailable: dict[str, str] = {}
+    absent: set[str] = set()
+    files: dict[Path, tuple[ModelInfo, Tokenizer]] = {}  # servable files (entries may share one)
     for idx, spec in enumerate(parsed.models):
-        file = entry_file(path, spec)
-        if not file.is_file() and spec.create_if_missing and create_missing:
+        file = entry_file(path, spec, parsed.model_dir)
+        if spec.create_if_missing and create_missing and file_problem(file) == "missing":
             from backends.demo import write_demo_model
 
             log.info("writing the %s model to %s", spec.create_if_missing, file)
             write_demo_model(file)
-        reason = _servable(path, idx, spec, file)
-        if isinstance(reason, str):
-            skipped[spec.id] = reason  # logged at startup by the app
-            continue
-        served.append(ServedModel(spec, file, reason, template_for(parsed, spec.prompt_template),
-                                  Tokenizer(read_vocab(file)), engine_threads(spec, default_threads)))
-    _warn_oversubscribed(served)
-    return Registry(path, list(parsed.models), served, skipped)
+        if file not in files:
+            found = _servable(path, spec, file)
+            if isinstance(found, tuple):
+                skipped[spec.id], unavailable[spec.id] = found  # logged at startup by the app
+                if file_problem(file) == "missing":
+                    absent.add(spec.id)
+                continue
+            files[file] = found, Tokenizer(read_vocab(file))
+        info, tokenizer = files[file]
+        _check_context(path, idx, spec, info)
+        served.append(ServedModel(spec, file, info, template_for(parsed, spec.prompt_template),
+                                  tokenizer, engine_threads(spec, default_threads)))
+    check_budget(path, served, max_workers, memory_budget_mb)
+    _warn_oversubscribed(served, default_threads)
+    return Registry(path, list(parsed.models), served, skipped, unavailable, frozenset(absent))
 
 
-def _servable(path: Path, idx: int, spec: ModelSpec, file: Path) -> ModelInfo | str:
-    """The file's header info, or why the entry cannot be served."""
-    if not file.is_file():
-        if spec.url:
-            how = f"download it with: gpt4all-j-server pull {spec.id}{_registry_option(path)}"
-            if spec.needs_conversion:
-                how += (" (it downloads and verifies the file, then converts GPT4All's pre-May-2023 GGML "
-                        "layout to the standard one ctransformers reads)")
-        else:
-            how = "put the model file there"
-        return f"file {file} is missing; {how}"
+def _servable(path: Path, spec: ModelSpec, file: Path) -> ModelInfo | tuple[str, str]:
+    """The file's header info, or (why the entry cannot be served, the same for clients)."""
+    problem = file_problem(file)
+    if problem == "missing":
+        return _missing_reason(path, spec, file)
+    if problem is not None:
+        return (f"model file {file} (field 'path' in {path}) is {problem}, not a model file",
+                "registered but its model file on the server is not a file")
     try:
-        info = inspect_model(file)
+        return inspect_model(file)
     except LegacyModelFileError as exc:
         return _legacy_reason(path, spec, file, exc)
     except ModelFileError as exc:
-        return str(exc)
+        return str(exc), "registered but its model file on the server is not a valid model (see the server log)"
+    except OSError as exc:
+        return (f"model file {file} cannot be read: {exc.strerror or exc}",
+                "registered but its model file on the server cannot be read")
+
+
+def _check_context(path: Path, idx: int, spec: ModelSpec, info: ModelInfo) -> None:
+    """An entry's context_length may not exceed its file's n_ctx."""
     if spec.context_length and spec.context_length > info.n_ctx:
         raise RegistryError(
             f"{path}: models[{idx}] (id {spec.id!r}): field 'context_length': {spec.context_length} "
             f"exceeds the file's n_ctx of {info.n_ctx}"
         )
-    return info
 
 
-def _legacy_reason(path: Path, spec: ModelSpec, file: Path, exc: LegacyModelFileError) -> str:
+def _missing_reason(path: Path, spec: ModelSpec, file: Path) -> tuple[str, str]:
+    """Why an entry whose file is absent is skipped, and how to get the file."""
+    pull = f"gpt4all-j-server pull {spec.id}{_registry_option(path)}"
+    if not spec.url:
+        return (f"file {file} is missing; put the model file there",
+                "registered but its model file is not on the server")
+    how = f"download it with: {pull}"
+    if spec.needs_conversion:
+        how += (" (it downloads and verifies the file, then converts GPT4All's pre-May-2023 GGML "
+                "layout to the standard one ctransformers reads)")
+    client = f"registered but not downloaded: run `gpt4all-j-server pull {spec.id}` on the server"
+    return f"file {file} is missing; {how}", client  # the client's text names no server path
+
+
+def _legacy_reason(path: Path, spec: ModelSpec, file: Path, exc: LegacyModelFileError) -> tuple[str, str]:
     """Why a legacy-layout file is not served, with the commands that convert it where the entry expects it."""
+    public = "registered but its model file needs a one-time conversion (see the server log)"
     if exc.damage is not None:
-        return str(exc)
+        return str(exc), "registered but its model file on the server is damaged (see the server log)"
     out = converted_path(file)
     how = (f"convert it once, in place, with: {convert_command(file)} "
            f"&& mv {shlex.quote(str(out))} {shlex.quote(str(file))}")
     if spec.url and (spec.sha256 or spec.md5):
-        how += f" (or: gpt4all-j-server pull {spec.id}{_registry_option(path)}, which also verifies it)"
+        pull = f"gpt4all-j-server pull {spec.id}{_registry_option(path)}"
+        how += f" (or: {pull}, which also verifies it)"
+        public = f"registered but its model file needs a one-time conversion: run `{pull}` on the server"
     return (f"model file '{file}' uses GPT4All's legacy pre-May-2023 GGML layout, which ctransformers "
-            f"cannot load; {how}")
+            f"cannot load; {how}", public)
 
 
 def _registry_option(path: Path) -> str:
-    """' --registry PATH' unless PATH is the default registry."""
-    return "" if path == Path("model_registry.yaml").resolve() else f" --registry {shlex.quote(str(path))}"
+    """' --registry PATH' unless PATH is the registry the command finds by itself in this folder."""
+    return "" if is_default_registry(path) else f" --registry {shlex.quote(str(path))}"
 
 
-def _warn_oversubscribed(served: list[ServedModel]) -> None:
-    """Warn when the pool would run more engine threads than there are CPUs."""
-    total = sum(m.spec.workers * m.threads for m in served)
+def _warn_oversubscribed(served: list[ServedModel], default_threads: int = 0) -> None:
+    """Warn when the engine threads someone chose (an entry's `threads`, or default_threads) exceed the CPUs.
+
+    Entries without `threads` (with default_threads 0) get the usable CPUs divided by their own workers: each
+    model alone may use the machine, so such automatic counts never warn, however many entries are served.
+    """
+    chosen = [(m, m.spec.threads or default_threads) for m in served if m.spec.threads or default_threads]
+    total = sum(m.spec.workers * threads for m, threads in chosen)
     cpus = usable_cpus()
     if total > cpus:
-        log.warning("registry asks for %d engine threads (workers x threads) on %d CPUs; "
-                    "generation will be slower than with fewer", total, cpus)
+        names = ", ".join(m.spec.id for m, _ in chosen[:5]) + (", ..." if len(chosen) > 5 else "")
+        log.warning("registry asks for %d engine threads (workers x threads of %s) on %d CPUs; "
+                    "generation will be slower than with fewer", total, names, cpus)

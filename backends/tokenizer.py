@@ -4,6 +4,10 @@ The engine splits text into words with GPT-2's pattern using ASCII character cla
 then covers each word with the longest vocabulary entries, left to right (bytes with no entry are
 dropped). The server uses this to count tokens and check the context before a request is queued;
 tests prove it gives the engine's ids.
+
+The longest match at a position is found by growing the candidate one byte at a time while it is
+still a prefix of some vocabulary entry, so the work per token is about the token's length (the
+engine tries every length from the end of the word down, which is quadratic in the word's length).
 """
 
 from __future__ import annotations
@@ -24,28 +28,46 @@ class Tokenizer:
         for i, piece in enumerate(vocab):
             self.ids[piece] = i  # like the engine's map: a repeated piece keeps the last id
         self.longest = max((len(p) for p in vocab), default=1)
+        # every proper prefix of a piece: a candidate that is not one cannot grow into a longer match
+        self._grows = frozenset(p[:k] for p in self.ids for k in range(1, len(p)))
+        # with a token for every single byte no byte is dropped, so a token covers at most `longest` bytes
+        self.covers_every_byte = all(bytes([b]) in self.ids for b in range(256))
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of text."""
+    def max_bytes(self, tokens: int) -> int | None:
+        """The most UTF-8 bytes a text of `tokens` tokens can have (None: no bound, bytes may be dropped)."""
+        return max(tokens, 0) * self.longest if self.covers_every_byte else None
+
+    def encode(self, text: str, limit: int | None = None) -> list[int]:
+        """Token ids of text; with a limit, stops once more than `limit` ids are found (a prefix of them)."""
         out: list[int] = []
         for word in _WORDS.findall(text.encode("utf-8")):
-            self._cover(word, out)
+            self._cover(word, out, limit)
+            if limit is not None and len(out) > limit:
+                break
         return out
 
-    def _cover(self, word: bytes, out: list[int]) -> None:
-        ids, n, i = self.ids, len(word), 0
+    def _cover(self, word: bytes, out: list[int], limit: int | None) -> None:
+        ids, n = self.ids, len(word)
         if n <= self.longest:  # most words are one token
             token = ids.get(word)
             if token is not None:
                 out.append(token)
                 return
+        grows, i = self._grows, 0
         while i < n:
-            for j in range(min(n, i + self.longest), i, -1):
-                token = ids.get(word[i:j])
-                if token is not None:
-                    out.append(token)
-                    i = j
+            end, j = 0, i + 1
+            while j <= n:
+                candidate = word[i:j]
+                if candidate in ids:
+                    end = j
+                if candidate not in grows:
                     break
+                j += 1
+            if end:
+                out.append(ids[word[i:end]])
+                i = end
+                if limit is not None and len(out) > limit:
+                    return
             else:
                 i += 1  # the engine skips a byte it has no token for
 

@@ -101,6 +101,7 @@ class Failed:
     job_id: int
     kind: ErrorKind
     message: str
+    retry_after: int | None = None  # seconds until a retry can succeed (crash cooldown); None = unknown
 
 
 @dataclass(frozen=True)

@@ -38,14 +38,17 @@ def unpack_tokens(data: bytes) -> tuple[int, list[int]] | None:
     return TOKEN_HEADER.unpack_from(data)[1], ids.tolist()
 
 
-def worker_main(conn: Connection, path: str, threads: int, batch_size: int, flush_interval: float = 0.0) -> None:
-    """Entry point of a spawned worker process."""
+def worker_main(conn: Connection, path: str, threads: int, batch_size: int, flush_interval: float = 0.0,
+                progress=None) -> None:
+    """Entry point of a spawned worker process; `progress` is a shared counter the server watches."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server shuts us down via "exit"
-    logging.basicConfig(level=os.environ.get("GPT4ALL_J_WORKER_LOG", "WARNING"))
+    from server.logs import setup  # the server's line format, escaping and JSON option
+
+    setup(os.environ.get("GPT4ALL_J_LOG_FORMAT", "text"), os.environ.get("GPT4ALL_J_WORKER_LOG", "warning"))
     try:
         from backends.engine import Engine
 
-        engine = Engine(path, threads=threads, batch_size=batch_size)
+        engine = Engine(path, threads=threads, batch_size=batch_size, progress=progress)
     except Exception as exc:  # a bad file must not take anything else down
         conn.send(("load_failed", f"{type(exc).__name__}: {exc}"))
         return
@@ -62,8 +65,10 @@ def serve(conn: Connection, engine, flush_interval: float = 0.0) -> None:
             return
         if kind == "exit":
             return
-        if kind == "job" and run_job(conn, engine, payload, flush_interval):
-            return
+        if kind == "job":
+            engine.beat()  # the job has arrived: a worker that never gets here trips the watchdog
+            if run_job(conn, engine, payload, flush_interval):
+                return
         # a stray "cancel" for a job that already ended is ignored
 
 

@@ -5,18 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from backends.pool import PoolModel, PoolPolicy, WorkerPool
-from backends.registry import Registry, resolve
+from backends.registry import Registry, locate_registry, resolve
+from server.docs import install_docs
 from server.errors import install_error_handlers
 from server.lifecycle import Lifecycle
 from server.metrics import Metrics
 from server.middleware import RequestContext
 from server.routes import health, openai
+from server.security import load_api_keys, open_paths, startup_notes
 from server.service import InferenceService
 from server.settings import Settings
 
@@ -38,16 +39,19 @@ def pool_models(registry: Registry, settings: Settings) -> list[PoolModel]:
 
 
 def pool_policy(settings: Settings) -> PoolPolicy:
-    """Queue and crash limits from the settings."""
+    """Queue, crash and stall limits from the settings."""
     return PoolPolicy(queue_timeout=settings.queue_timeout, restart_limit=settings.restart_limit,
-                      restart_window=settings.restart_window, restart_cooldown=settings.restart_cooldown)
+                      restart_window=settings.restart_window, restart_cooldown=settings.restart_cooldown,
+                      stall_timeout=settings.worker_stall_timeout)
 
 
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
     """Build the FastAPI app; the registry is loaded now (so errors surface before serving)."""
     settings = settings or Settings()
-    registry = registry or resolve(settings.registry or Path("model_registry.yaml"), create_missing=settings.create_demo,
-                                   default_threads=settings.default_threads)
+    keys = load_api_keys(settings)
+    registry = registry or resolve(locate_registry(settings.registry, settings.data_dir),
+                                   create_missing=settings.create_demo, default_threads=settings.default_threads,
+                                   max_workers=settings.max_workers, memory_budget_mb=settings.memory_budget_mb)
     metrics = Metrics()
 
     @asynccontextmanager
@@ -67,7 +71,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         finally:
             await pool.stop()
 
-    app = FastAPI(title="gpt4all-j-server", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="gpt4all-j-server", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible server for GPT4All-J and other GGML GPT-J models.")
     app.state.settings = settings
     app.state.registry = registry
@@ -76,7 +80,10 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(health.router)
-    _add_middleware(app, settings, metrics)
+    install_docs(app)
+    _add_middleware(app, settings, metrics, keys)
+    for level, message in startup_notes(settings, keys):
+        log.log(level, message)
     return app
 
 
@@ -99,14 +106,9 @@ async def _start_unless_stopped(pool: WorkerPool, lifecycle: Lifecycle) -> bool:
     return False
 
 
-def _add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+def _add_middleware(app: FastAPI, settings: Settings, metrics: Metrics, keys: list[str]) -> None:
     """The request context (id, auth, body cap, access log) inside CORS, so every answer gets CORS headers."""
-    open_paths = set()
-    if not settings.auth_health:
-        open_paths |= {"/health", "/ready"}
-    if not settings.auth_metrics:
-        open_paths.add("/metrics")
-    app.add_middleware(RequestContext, keys=settings.all_api_keys(), open_paths=open_paths,
+    app.add_middleware(RequestContext, keys=keys, open_paths=open_paths(settings),
                        max_body=settings.max_body_bytes, metrics=metrics, log_requests=settings.access_log)
     if settings.cors_origins:  # added last = outermost: answers preflights, decorates 401/413 too
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],

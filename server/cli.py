@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import os
+import shlex
 import sys
 import typing
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from server.settings import ENV_PREFIX, Settings
 
-FTYPES = ["f32", "f16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
+PACKAGE = "gpt4all-j-server"
+_SECRET_FIELDS = {"api_keys"}  # never echoed in error messages
 
 
 def _flag_type(annotation: object):
@@ -37,39 +41,90 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
                                 help=helptext)
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+class SettingsError(ValueError):
+    """Flags or env vars that do not make valid Settings; the message names each one."""
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Settings from env vars, overridden by the flags that were given."""
+    """Settings from env vars, overridden by the flags that were given; SettingsError if invalid."""
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    return Settings(**given)
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        raise SettingsError("\n".join(_describe_setting_error(e, given) for e in exc.errors())) from None
+
+
+def _describe_setting_error(error: dict, given: dict) -> str:
+    """One pydantic error as `invalid --flag VALUE: why` (or the env var that set it)."""
+    why = error["msg"].removeprefix("Value error, ")
+    why = why[:1].lower() + why[1:]
+    field = str(error["loc"][0]) if error["loc"] else ""
+    if field not in Settings.model_fields:
+        return f"invalid settings: {why}"
+    flag, env = "--" + field.replace("_", "-"), ENV_PREFIX + field.upper()
+    value = given[field] if field in given else os.environ.get(env, error.get("input"))
+    shown = "(hidden)" if field in _SECRET_FIELDS else shlex.quote(str(value))
+    if field in given:
+        return f"invalid {flag} {shown}: {why}"
+    return f"invalid {env}={shown} (environment variable; the flag is {flag}): {why}"
+
+
+def version() -> str:
+    """The installed package's version."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version(PACKAGE)
+    except PackageNotFoundError:
+        return "unknown (not installed: run `pip install -e .`)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with all subcommands."""
-    parser = argparse.ArgumentParser(prog="gpt4all-j-server", description=__doc__)
+    from server import make_model
+
+    parser = argparse.ArgumentParser(prog=PACKAGE, description=__doc__)
+    ver = f"{PACKAGE} {version()}"
+    parser.add_argument("--version", action="version", version=ver, help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
-    add_settings_flags(sub.add_parser("serve", help="run the OpenAI-compatible HTTP server"))
-    make = sub.add_parser("make-model", help="write a small GGML GPT-J model file")
-    make.add_argument("out", type=Path)
-    make.add_argument("--n-vocab", type=int, default=512)
-    make.add_argument("--n-ctx", type=int, default=256)
-    make.add_argument("--n-embd", type=int, default=64)
-    make.add_argument("--n-head", type=int, default=4)
-    make.add_argument("--n-layer", type=int, default=2)
-    make.add_argument("--n-rot", type=int, default=8)
-    make.add_argument("--ftype", choices=FTYPES, default="q4_0")
-    make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--kind", choices=["random", "successor", "demo"], default="random",
-                      help="random weights, a successor model (greedy next token = next vocab entry), "
-                           "or the bundled demo model")
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    serve.add_argument("--version", action="version", version=ver, help="print the version and exit")
+    add_settings_flags(serve)
+    make_model.add_parser(sub)
     insp = sub.add_parser("inspect", help="validate a GGML GPT-J file and describe it")
-    insp.add_argument("file", type=Path)
+    insp.add_argument("file", type=Path, help="the model file")
     _add_model_commands(sub)
     return parser
 
 
 def _add_model_commands(sub) -> None:
     """models list, pull, verify, convert (implemented in server.model_cli)."""
-    reg_help = f"model registry YAML file [env {ENV_PREFIX}REGISTRY; default model_registry.yaml]"
+    reg_help = f"{Settings.model_fields['registry'].description} [env {ENV_PREFIX}REGISTRY]"
     reg = argparse.ArgumentParser(add_help=False)
     reg.add_argument("--registry", type=Path, default=None, help=reg_help)
     models = sub.add_parser("models", help="list the registry's models and the state of their files",
@@ -87,33 +142,51 @@ def _add_model_commands(sub) -> None:
     pull.add_argument("--force", action="store_true", help="download again even if the file verifies")
     pull.add_argument("--keep-original", action="store_true",
                       help="keep the downloaded legacy-layout file (<path>.legacy) after converting it")
-    pull.add_argument("--retries", type=int, default=4, help="retries of transient failures (default 4)")
-    pull.add_argument("--retry-wait", type=float, default=2.0,
+    pull.add_argument("--retries", type=non_negative_int, default=4,
+                      help="retries of transient failures (default 4)")
+    pull.add_argument("--retry-wait", type=non_negative_float, default=2.0,
                       help="seconds before the first retry, doubling after each (default 2)")
-    pull.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds (default 60)")
+    pull.add_argument("--timeout", type=positive_float, default=60.0,
+                      help="network timeout in seconds (default 60)")
     ver = sub.add_parser("verify", parents=[reg], help="check present model files against the registry's "
                                                        "checksums and the GGML inspector")
     ver.add_argument("id", nargs="?", help="model id or alias (default: every present model)")
     conv = sub.add_parser("convert", help="convert a legacy (pre-May-2023) GPT4All GGML file to the "
                                           "standard layout")
-    conv.add_argument("src", type=Path, metavar="IN")
-    conv.add_argument("dst", type=Path, metavar="OUT")
+    conv.add_argument("src", type=Path, metavar="IN", help="the legacy-layout file")
+    conv.add_argument("dst", type=Path, metavar="OUT", help="the standard-layout file to write")
     conv.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv = ["serve", *argv]
     args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except BrokenPipeError:  # `... | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "make-model":
-        return _make_model(args)
+        from server import make_model
+
+        return make_model.run(args)
     if args.command == "inspect":
-        return _inspect(args.file)
+        return inspect_file(args.file)
     if args.command in ("models", "pull", "verify", "convert"):
         return _model_command(args)
-    return _serve(settings_from_args(args))
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as exc:
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    return _serve(settings)
 
 
 def _model_command(args: argparse.Namespace) -> int:
@@ -141,22 +214,8 @@ def _model_command(args: argparse.Namespace) -> int:
         return 1
 
 
-def _make_model(args: argparse.Namespace) -> int:
-    if args.kind == "demo":
-        from backends.demo import write_demo_model
-
-        write_demo_model(args.out, ftype=args.ftype)
-    else:
-        from backends.ggml.writer import GPTJConfig, write_model
-
-        config = GPTJConfig(n_vocab=args.n_vocab, n_ctx=args.n_ctx, n_embd=args.n_embd,
-                            n_head=args.n_head, n_layer=args.n_layer, n_rot=args.n_rot, ftype=args.ftype)
-        write_model(args.out, config, seed=args.seed, kind=args.kind)
-    print(f"wrote {args.out}")
-    return _inspect(args.out)
-
-
-def _inspect(path: Path) -> int:
+def inspect_file(path: Path) -> int:
+    """`inspect FILE`: describe a valid file (exit 0) or say what is wrong with it (exit 1)."""
     from backends.ggml.reader import ModelFileError, inspect_model
 
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -48,10 +49,54 @@ def unsupported(param: str, why: str = "") -> APIError:
     return APIError(400, msg, param=param, code="unsupported_parameter")
 
 
+def shorten(text: str, limit: int = 200) -> str:
+    """Client text quoted in a message, cut to `limit` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def model_not_found(name: str) -> APIError:
     """404 model_not_found, worded like OpenAI."""
-    return APIError(404, f"The model `{name}` does not exist or you do not have access to it.",
+    return APIError(404, f"The model `{shorten(name)}` does not exist or you do not have access to it.",
                     param="model", code="model_not_found")
+
+
+def model_not_downloaded(model_id: str, reason: str) -> APIError:
+    """404 model_not_found (what SDKs expect) for a registered model whose file is not on the server.
+
+    reason completes "The model `ID` is ...", e.g. "registered but not downloaded: run `... pull ID` ..."."""
+    return APIError(404, f"The model `{model_id}` is {reason}.", param="model", code="model_not_found")
+
+
+def model_unavailable(model_id: str, reason: str, retry_after: int) -> APIError:
+    """503 model_unavailable for a registered model that cannot be served (reason completes "... is ")."""
+    return APIError(503, f"The model `{model_id}` is {reason}.", type="server_error", param="model",
+                    code="model_unavailable", headers={"Retry-After": str(retry_after)})
+
+
+def shutting_down(retry_after: int) -> APIError:
+    """503 server_shutting_down: no new generations while the server drains, and the end of running ones."""
+    return APIError(503, "The server is shutting down and cannot finish this request. Retry it, on another "
+                         "instance if there is one.", type="server_error", code="server_shutting_down",
+                    headers={"Retry-After": str(retry_after)})
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_text(content: object) -> str:
+    """JSON that every client can parse: NaN and infinities raise ValueError; a lone surrogate (which
+    UTF-8 cannot encode) is written as the text `\\udXXX`, so echoing client text never fails."""
+    text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    if text.isascii() or _LONE_SURROGATE.search(text) is None:
+        return text
+    return _LONE_SURROGATE.sub(lambda m: f"\\\\u{ord(m.group()):04x}", text)
+
+
+class JSONBody(JSONResponse):
+    """The JSON response class of every API answer: always valid, always encodable (see json_text)."""
+
+    def render(self, content: object) -> bytes:
+        return json_text(content).encode("utf-8")
 
 
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|list|dict|none)$|[\[\-]")
@@ -66,7 +111,7 @@ def param_name(loc: tuple) -> str | None:
         if isinstance(part, int):
             out += f"[{part}]"
         elif not _TYPE_TAG.search(str(part)):
-            out += ("." if out else "") + str(part)
+            out += ("." if out else "") + shorten(str(part), 100)
     return out or None
 
 
@@ -92,23 +137,23 @@ def _count(req: Request, reason: str | None) -> None:
         metrics.rejected.labels(reason=reason or "invalid_request").inc()
 
 
-async def _api_error(req: Request, exc: APIError) -> JSONResponse:
+async def _api_error(req: Request, exc: APIError) -> JSONBody:
     if exc.status < 500 or exc.status == 503:
         _count(req, exc.code)
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    return JSONBody(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
-async def _validation_error(req: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation_error(req: Request, exc: RequestValidationError) -> JSONBody:
     errors = exc.errors()
     first = errors[0] if errors else {"type": "invalid", "loc": ("body",), "msg": "invalid request"}
     message, param, code = _validation_message(first)
     if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
         message, code = "The request body is empty; a JSON object is required.", "missing_body"
     _count(req, "invalid_request")
-    return JSONResponse(error_body(message, "invalid_request_error", param, code), status_code=400)
+    return JSONBody(error_body(message, "invalid_request_error", param, code), status_code=400)
 
 
-async def _http_error(req: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(req: Request, exc: StarletteHTTPException) -> JSONBody:
     if exc.status_code == 404:
         message, code = f"Unknown request URL: {req.method} {req.url.path}.", "unknown_url"
     elif exc.status_code == 400:
@@ -118,14 +163,14 @@ async def _http_error(req: Request, exc: StarletteHTTPException) -> JSONResponse
     else:
         message, code = str(exc.detail), None
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    return JSONResponse(error_body(message, kind, None, code), status_code=exc.status_code,
-                        headers=getattr(exc, "headers", None))
+    return JSONBody(error_body(message, kind, None, code), status_code=exc.status_code,
+                    headers=getattr(exc, "headers", None))
 
 
-async def _internal_error(_req: Request, exc: Exception) -> JSONResponse:
+async def _internal_error(_req: Request, exc: Exception) -> JSONBody:
     log.exception("unhandled error", exc_info=exc)
-    return JSONResponse(error_body("The server had an error while processing your request.",
-                                   "server_error", None, "internal_error"), status_code=500)
+    return JSONBody(error_body("The server had an error while processing your request.",
+                               "server_error", None, "internal_error"), status_code=500)
 
 
 def install_error_handlers(app: FastAPI) -> None:

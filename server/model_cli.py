@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from backends.download import (
     read_sidecar,
     write_sidecar,
 )
-from backends.registry import ModelSpec, RegistryError, entry_file, load_registry_file
+from backends.registry import ModelSpec, RegistryError, entry_file, file_problem, load_registry_file
+from backends.registry_paths import find_registry
 
 from server.progress import CliError, Reporter, human_bytes
 
@@ -29,13 +31,19 @@ from server.progress import CliError, Reporter, human_bytes
 
 
 def registry_path(arg: Path | None) -> Path:
-    """--registry, else $GPT4ALL_J_REGISTRY, else serve's default."""
-    from server.settings import ENV_PREFIX, Settings
+    """The registry `serve` would use: --registry, $GPT4ALL_J_REGISTRY, ./model_registry.yaml, the per-user one."""
+    from server.settings import ENV_PREFIX
 
-    if arg is not None:
-        return arg
-    env = os.environ.get(ENV_PREFIX + "REGISTRY")
-    return Path(env) if env else Settings.model_fields["registry"].default
+    env = os.environ.get(ENV_PREFIX + "REGISTRY") or None
+    data_dir = os.environ.get(ENV_PREFIX + "DATA_DIR") or None
+    given = arg if arg is not None else Path(env) if env else None
+    try:
+        path, why = find_registry(given, Path(data_dir) if data_dir else None)
+    except RegistryError as exc:
+        raise CliError(str(exc), 2) from None
+    if given is None:
+        print(f"registry: {path} ({why})", file=sys.stderr)
+    return path
 
 
 def load_entries(path: Path) -> list[tuple[ModelSpec, Path]]:
@@ -44,7 +52,7 @@ def load_entries(path: Path) -> list[tuple[ModelSpec, Path]]:
         parsed = load_registry_file(path)
     except RegistryError as exc:
         raise CliError(str(exc), 2) from None
-    return [(spec, entry_file(path, spec)) for spec in parsed.models]
+    return [(spec, entry_file(path, spec, parsed.model_dir)) for spec in parsed.models]
 
 
 def find_entry(entries: list[tuple[ModelSpec, Path]], name: str, path: Path) -> tuple[ModelSpec, Path]:
@@ -96,14 +104,17 @@ def _source_matches(source: dict, expected: Expected) -> bool | None:
 def entry_status(spec: ModelSpec, file: Path) -> dict:
     """Everything `models list` shows for one entry, without hashing the file."""
     exp = expected_of(spec)
-    row = {"id": spec.id, "aliases": list(spec.aliases), "path": str(file), "present": file.is_file(),
+    kind = file_problem(file)
+    row = {"id": spec.id, "aliases": list(spec.aliases), "path": str(file), "present": kind is None,
            "size": None, "expected_size": spec.size, "checksum": "-", "layout": None,
            "needs_conversion": spec.needs_conversion, "converted": None, "partial_bytes": None,
-           "url": spec.url, "problem": None}
+           "url": spec.url, "problem": None, "file_kind": kind or "regular file"}
     for part in (file.with_name(file.name + ".part"), file.with_name(file.name + ".legacy.part")):
         if part.is_file():
             row["partial_bytes"] = part.stat().st_size
-    if not row["present"]:
+    if kind is not None:
+        if kind != "missing":
+            row["problem"] = f"the path is {kind}, not a model file"
         return row
     row["size"] = file.stat().st_size
     layout, detail = _layout(file)
@@ -139,7 +150,8 @@ def cmd_list(path: Path, as_json: bool) -> int:
         return 0
     table = [("ID", "ALIASES", "STATE", "SIZE", "EXPECTED", "CHECKSUM", "LAYOUT", "PATH")]
     for r in rows:
-        state = "present" if r["present"] else "missing"
+        kind = r["file_kind"]
+        state = "present" if r["present"] else "missing" if kind == "missing" else f"not a file ({kind})"
         if r["partial_bytes"] is not None:
             state += f" (+{human_bytes(r['partial_bytes'])} partial)"
         layout = r["layout"] or "-"
@@ -179,8 +191,12 @@ class Check:
 def check_entry(spec: ModelSpec, file: Path, *, use_cache: bool = False) -> Check:
     """Checksum (registry, or the conversion record) and inspector for one present file."""
     res = Check()
-    if not file.is_file():
+    kind = file_problem(file)
+    if kind == "missing":
         res.fail(f"file {file} is missing" + (f"; run `gpt4all-j-server pull {spec.id}`" if spec.url else ""))
+        return res
+    if kind is not None:
+        res.fail(f"{file} is {kind}, not a model file")
         return res
     exp = expected_of(spec)
     res.layout, detail = _layout(file)
@@ -247,7 +263,7 @@ def cmd_verify(path: Path, name: str | None) -> int:
     if name is not None:
         entries = [find_entry(entries, name, path)]
     else:
-        entries = [(s, f) for s, f in entries if f.is_file()]
+        entries = [(s, f) for s, f in entries if file_problem(f) != "missing"]
         if not entries:
             print(f"no model files present for {path}")
             return 0

@@ -95,6 +95,8 @@ def cmd_pull(path: Path, name: str, *, force: bool = False, keep_original: bool 
                           timeout=timeout)
     except KeyboardInterrupt:
         kept = part.stat().st_size if part.is_file() else 0
+        if not kept:
+            raise CliError("interrupted; nothing was downloaded", 130) from None
         raise CliError(f"interrupted; {kept:,} bytes kept in {part}; run the same command to resume",
                        130) from None
     except ChecksumMismatch as exc:

@@ -9,7 +9,7 @@ from typing import Any
 
 from backends.registry import ServedModel
 from backends.types import SamplingParams
-from server.errors import APIError, bad_request, unsupported
+from server.errors import APIError, bad_request, shorten, unsupported
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.settings import Settings
 
@@ -40,13 +40,6 @@ class Plan:
 def to_sampling(req: CompletionRequest | ChatCompletionRequest, model: ServedModel) -> SamplingParams:
     """Map sampling fields, falling back to the model's registry defaults."""
     d = model.spec.sampling
-    bias: dict[int, float] = {}
-    for key, value in (req.logit_bias or {}).items():
-        token = int(key)
-        if token >= model.info.n_vocab:
-            raise bad_request(f"logit_bias token {token} is outside the vocabulary "
-                              f"(0..{model.info.n_vocab - 1}).", "logit_bias")
-        bias[token] = float(value)
     seed = req.seed if req.seed is not None else secrets.randbits(31)
     return SamplingParams(
         temperature=d.temperature if req.temperature is None else req.temperature,
@@ -56,9 +49,26 @@ def to_sampling(req: CompletionRequest | ChatCompletionRequest, model: ServedMod
         last_n_tokens=d.last_n_tokens,
         frequency_penalty=req.frequency_penalty or 0.0,
         presence_penalty=req.presence_penalty or 0.0,
-        logit_bias=bias,
+        logit_bias=_logit_bias(req.logit_bias or {}, model.info.n_vocab),
         seed=seed & 0x7FFFFFFF,
     )
+
+
+def _logit_bias(given: dict[str, int], n_vocab: int) -> dict[int, float]:
+    """Token ids and biases; keys are ASCII digit strings (the request model checked), of any length."""
+    if len(given) > n_vocab:
+        raise bad_request(f"logit_bias has {len(given)} entries, but this model's vocabulary has only "
+                          f"{n_vocab} tokens.", "logit_bias")
+    digits = len(str(n_vocab))
+    bias: dict[int, float] = {}
+    for key, value in given.items():
+        short = key.lstrip("0") or "0"
+        token = int(short) if len(short) <= digits else n_vocab  # no int() of a huge digit string
+        if token >= n_vocab:
+            raise bad_request(f"logit_bias token {shorten(short)} is outside the vocabulary "
+                              f"(0..{n_vocab - 1}).", "logit_bias")
+        bias[token] = float(value)
+    return bias
 
 
 def _top_p(value: float | None, default: float) -> float:
@@ -105,7 +115,7 @@ def _stream_flags(req: CompletionRequest | ChatCompletionRequest) -> tuple[bool,
 
 
 def completion_plan(req: CompletionRequest, model: ServedModel, settings: Settings) -> Plan:
-    """Validate a completions request and turn it into a plan."""
+    """Validate a completions request and turn it into a plan (cheap checks first, tokenizing last)."""
     if req.suffix:
         raise unsupported("suffix", "GPT-J models have no insertion mode")
     n = _n(req, settings)
@@ -113,22 +123,30 @@ def completion_plan(req: CompletionRequest, model: ServedModel, settings: Settin
         raise unsupported("best_of", "only best_of equal to n (or 1) is supported")
     if req.echo and req.logprobs is not None:
         raise unsupported("logprobs", "prompt log-probabilities (echo with logprobs) are not computed")
-    items = _prompts(req.prompt, model, settings)
     stream, include_usage = _stream_flags(req)
     max_tokens = _max_tokens(16 if req.max_tokens is None else req.max_tokens, model, "max_tokens")
-    prompts = [tokenize(item, model) for item in items]
-    check_context(prompts, max_tokens, model, "prompt")
+    items = _prompts(req.prompt, model, settings)
+    for item in items:  # what cannot fit is refused by its size, before any per-id or per-byte work
+        check_size(item, max_tokens, model, "prompt")
+    for item in items:
+        if isinstance(item, list):
+            _check_ids(item, model)
+    sampling = to_sampling(req, model)
+    room = model.context_length - (max_tokens or 0)
+    prompts = [tokenize(item, model, limit=room) for item in items]
+    check_context(prompts, max_tokens, model, "prompt", at_least=not all(isinstance(i, list) for i in items))
     echo = tuple(_echo(item, ids, model) for item, ids in zip(items, prompts)) if req.echo else ()
-    return Plan(prompts, n, max_tokens, to_sampling(req, model), _stops(req, model), req.logprobs,
+    return Plan(prompts, n, max_tokens, sampling, _stops(req, model), req.logprobs,
                 bool(req.echo), stream, include_usage, echo_texts=echo)
 
 
-def tokenize(item: str | list[int], model: ServedModel, param: str = "prompt") -> list[int]:
-    """Token ids of a prompt with the model's own tokenizer."""
+def tokenize(item: str | list[int], model: ServedModel, param: str = "prompt",
+             limit: int | None = None) -> list[int]:
+    """Token ids of a prompt with the model's own tokenizer (with a limit: at most limit + 1 of them)."""
     if isinstance(item, list):
         return item
     try:
-        ids = model.tokenizer.encode(item)
+        ids = model.tokenizer.encode(item, limit)
     except UnicodeEncodeError:
         raise bad_request("The prompt is not valid Unicode (it contains a lone surrogate).",
                           param, "invalid_unicode") from None
@@ -143,43 +161,96 @@ def _echo(item: str | list[int], ids: list[int], model: ServedModel) -> str:
     return model.tokenizer.decode(ids).decode("utf-8", errors="replace")
 
 
-def check_context(prompts: list[list[int]], max_tokens: int | None, model: ServedModel, param: str) -> None:
-    """400 context_length_exceeded unless every prompt plus max_tokens fits the context."""
+def _too_long(limit: int, asked: str, param: str) -> APIError:
+    return APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                         f"{asked}. Please reduce the length of the prompt or the completion.",
+                    param=param, code="context_length_exceeded")
+
+
+def check_size(item: str | list[int], max_tokens: int | None, model: ServedModel, param: str) -> None:
+    """Refuse a prompt that cannot fit, by its length alone: token ids counted, text by UTF-8 bytes."""
+    limit = model.context_length
+    want = max_tokens if max_tokens is not None else 1
+    if isinstance(item, list):
+        if len(item) + want > limit:
+            check_context([item], max_tokens, model, param)
+        return
+    cap = model.tokenizer.max_bytes(limit - want)
+    if cap is None:
+        return
+    size = len(item) if item.isascii() else len(item.encode("utf-8", "surrogatepass"))
+    if size > cap:
+        fewest = -(-size // model.tokenizer.longest)
+        raise _too_long(limit, f"at least {fewest + want} tokens (the prompt is {size} bytes, at least "
+                               f"{fewest} tokens of at most {model.tokenizer.longest} bytes each; {want} for "
+                               f"the completion)", param)
+
+
+def check_context(prompts: list[list[int]], max_tokens: int | None, model: ServedModel, param: str,
+                  at_least: bool = False) -> None:
+    """400 context_length_exceeded unless every prompt plus max_tokens fits the context.
+
+    at_least: prompts were tokenized with a limit, so an over-long one is counted only up to it.
+    """
     limit = model.context_length
     longest = max(len(p) for p in prompts)
     want = max_tokens if max_tokens is not None else 1
     if longest + want > limit:
-        asked = f"{longest + want} tokens ({longest} in the prompt, {want} for the completion)" \
-            if max_tokens is not None else f"{longest} tokens in the prompt, leaving no room for a reply"
-        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you "
-                            f"requested {asked}. Please reduce the length of the prompt or the completion.",
-                       param=param, code="context_length_exceeded")
+        more = "at least " if at_least else ""
+        asked = f"{more}{longest + want} tokens ({more}{longest} in the prompt, {want} for the completion)" \
+            if max_tokens is not None else f"{more}{longest} tokens in the prompt, leaving no room for a reply"
+        raise _too_long(limit, asked, param)
 
 
 def _prompts(prompt: Any, model: ServedModel, settings: Settings) -> list[str | list[int]]:
-    """Normalise the four prompt shapes into a list of strings or token-id lists."""
+    """Normalise the four prompt shapes into a list of strings or token-id lists (no per-id work)."""
     eos = [model.info.eos_token_id if model.info.eos_token_id is not None else 0]
     if prompt is None or prompt == "":
         items: list[str | list[int]] = [eos]
     elif isinstance(prompt, str):
         items = [prompt]
-    elif prompt and all(isinstance(p, int) for p in prompt):
-        items = [list(prompt)]
+    elif prompt and isinstance(prompt[0], int):  # the request model makes a list all one kind
+        items = [prompt]
     else:
         items = [p if p != "" else eos for p in prompt]
     if not items:
         raise bad_request("prompt must not be an empty list.", "prompt")
     if len(items) > settings.max_prompts:
         raise bad_request(f"At most {settings.max_prompts} prompts per request.", "prompt")
-    for item in items:
-        if isinstance(item, list):
-            if not item:
-                raise bad_request("A token-id prompt must have at least one token.", "prompt")
-            bad = [t for t in item if not 0 <= t < model.info.n_vocab]
-            if bad:
-                raise bad_request(f"Token id {bad[0]} is outside the vocabulary "
-                                  f"(0..{model.info.n_vocab - 1}).", "prompt")
+    if any(isinstance(item, list) and not item for item in items):
+        raise bad_request("A token-id prompt must have at least one token.", "prompt")
     return items
+
+
+def _check_ids(item: list[int], model: ServedModel) -> None:
+    """Every id in the vocabulary (call once the list is known to fit the context)."""
+    n_vocab = model.info.n_vocab
+    if min(item) < 0 or max(item) >= n_vocab:
+        bad = next(t for t in item if not 0 <= t < n_vocab)
+        raise bad_request(f"Token id {shorten(str(bad))} is outside the vocabulary (0..{n_vocab - 1}).",
+                          "prompt")
+
+
+def work_size(req: CompletionRequest | ChatCompletionRequest, settings: Settings) -> int:
+    """A cheap estimate of the work a plan takes (characters, ids, entries), to decide where to build it."""
+    size = len(req.logit_bias or ())
+    if isinstance(req, CompletionRequest):
+        prompt = req.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return size + len(prompt)
+        return size + sum(len(p) for p in (prompt or ())[:settings.max_prompts + 1])
+    if len(req.messages) > 256:
+        return BIG_WORK
+    for m in req.messages:
+        content = m.content
+        if isinstance(content, str):
+            size += len(content)
+        elif content:
+            size += sum(len(p.text or "") for p in content)
+    return size
+
+
+BIG_WORK = 16_384  # a plan with more work than this is built in a thread, off the event loop
 
 
 # chat fields accepted only with a value that asks for nothing special
@@ -209,19 +280,23 @@ def chat_plan(req: ChatCompletionRequest, model: ServedModel, settings: Settings
             raise unsupported(field, why)
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
-    messages = [_message(i, m) for i, m in enumerate(req.messages)]
-    prompt = tokenize(model.template.render(messages, model.spec.system_prompt), model, "messages")
     n = _n(req, settings)
     stream, include_usage = _stream_flags(req)
     value, param = (req.max_completion_tokens, "max_completion_tokens")
     if value is None:
         value, param = req.max_tokens, "max_tokens"
     max_tokens = _max_tokens(value if value is not None else model.spec.sampling.max_tokens, model, param)
-    check_context([prompt], max_tokens if value is not None else None, model, "messages")
-    if value is None and max_tokens is not None:  # the registry default shrinks to what fits
+    asked = max_tokens if value is not None else None  # the registry default shrinks to what fits
+    sampling = to_sampling(req, model)
+    text = model.template.render([_message(i, m) for i, m in enumerate(req.messages)], model.spec.system_prompt)
+    check_size(text, asked, model, "messages")
+    room = model.context_length - (asked if asked is not None else 1)
+    prompt = tokenize(text, model, "messages", limit=room)
+    check_context([prompt], asked, model, "messages", at_least=True)
+    if asked is None and max_tokens is not None:
         max_tokens = min(max_tokens, model.context_length - len(prompt))
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return Plan([prompt], n, max_tokens, to_sampling(req, model), _stops(req, model), logprobs,
+    return Plan([prompt], n, max_tokens, sampling, _stops(req, model), logprobs,
                 False, stream, include_usage, prompt_param="messages")
 
 
@@ -243,6 +318,7 @@ def _message(i: int, m: Any) -> tuple[str, str]:
     texts = []
     for j, part in enumerate(content):
         if part.type != "text" or part.text is None:
-            raise unsupported(f"{where}.content[{j}].type", f"only text parts are supported, got '{part.type}'")
+            raise unsupported(f"{where}.content[{j}].type",
+                              f"only text parts are supported, got '{shorten(part.type)}'")
         texts.append(part.text)
     return m.role, "\n".join(texts)

@@ -3,14 +3,36 @@
 from __future__ import annotations
 
 import json
+import math
 
 from backends.types import TokenLogprob
+from server.errors import APIError, json_text
 from server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs,
     Completion, CompletionChoice, CompletionLogprobs, Delta, TokenLogprobOut, TopLogprob, Usage,
 )
 from server.protocol.responses import PromptTokensDetails
 from server.streaming import TokenRecord
+
+
+def non_finite_error() -> APIError:
+    """The engine produced NaN or an infinity: its weights are likely corrupt. Never sent as JSON numbers."""
+    return APIError(500, "The model produced a non-finite log-probability (NaN or infinity); its weights "
+                         "may be corrupt.", type="server_error", code="engine_error")
+
+
+def dumps(obj: object) -> str:
+    """A stream payload's JSON: always valid (NaN or an infinity becomes an engine error, see json_text)."""
+    try:
+        return json_text(obj)
+    except ValueError:
+        raise non_finite_error() from None
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise non_finite_error()
+    return value
 
 
 def token_text(piece: bytes) -> str:
@@ -33,8 +55,8 @@ def completion_logprobs(records: list[TokenRecord], offset: int) -> CompletionLo
         lp: TokenLogprob = rec.logprob  # type: ignore[assignment]
         text = token_text(rec.piece)
         tokens.append(text)
-        lps.append(lp.logprob)
-        tops.append({token_text(p): v for p, v in lp.top})
+        lps.append(_finite(lp.logprob))
+        tops.append({token_text(p): _finite(v) for p, v in lp.top})
         offsets.append(pos)
         pos += len(text)
     return CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets)
@@ -45,8 +67,8 @@ def chat_logprobs(records: list[TokenRecord]) -> ChatLogprobs:
     content = []
     for rec in records:
         lp: TokenLogprob = rec.logprob  # type: ignore[assignment]
-        top = [TopLogprob(token=token_text(p), logprob=v, bytes=list(p)) for p, v in lp.top]
-        content.append(TokenLogprobOut(token=token_text(rec.piece), logprob=lp.logprob,
+        top = [TopLogprob(token=token_text(p), logprob=_finite(v), bytes=list(p)) for p, v in lp.top]
+        content.append(TokenLogprobOut(token=token_text(rec.piece), logprob=_finite(lp.logprob),
                                        bytes=list(rec.piece), top_logprobs=top))
     return ChatLogprobs(content=content, refusal=None)
 
@@ -63,7 +85,7 @@ class TextChunkTemplate:
     """
 
     def __init__(self, sample: dict) -> None:
-        encoded = json.dumps(sample, ensure_ascii=False)
+        encoded = json_text(sample)
         self.head, self.tail = encoded.split(_SLOT_JSON)
 
     def fill(self, text: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from backends.pool import JobHandle, ModelPool, ModelUnavailable, QueueFull
+from backends.pool import JobGroup, JobHandle, ModelPool, ModelUnavailable, QueueFull
 from backends.types import ErrorKind, Failed, Finished, GenerationJob, Started
 from server.errors import APIError
 from server.params import Plan
@@ -13,10 +13,13 @@ from server.params import Plan
 
 def failure_to_error(event: Failed, param: str = "prompt", retry_after: int = 1) -> APIError:
     """Map an engine failure to the HTTP error the client sees."""
-    if event.kind in (ErrorKind.QUEUE_TIMEOUT, ErrorKind.UNAVAILABLE):
-        code = "queue_timeout" if event.kind == ErrorKind.QUEUE_TIMEOUT else "model_unavailable"
+    if event.kind == ErrorKind.QUEUE_TIMEOUT:
         return APIError(503, f"The server is overloaded: {event.message}. Retry shortly.",
-                        type="server_error", code=code, headers={"Retry-After": str(retry_after)})
+                        type="server_error", code="queue_timeout", headers={"Retry-After": str(retry_after)})
+    if event.kind == ErrorKind.UNAVAILABLE:
+        wait = event.retry_after or retry_after
+        return APIError(503, f"The model is unavailable: {event.message}. Retry in {wait}s.",
+                        type="server_error", code="model_unavailable", headers={"Retry-After": str(wait)})
     if event.kind == ErrorKind.CONTEXT_LENGTH:
         return APIError(400, event.message, param=param, code="context_length_exceeded")
     if event.kind == ErrorKind.INVALID_REQUEST:
@@ -26,7 +29,11 @@ def failure_to_error(event: Failed, param: str = "prompt", retry_after: int = 1)
 
 
 class Run:
-    """The n × prompts jobs of one request, as one merged stream of (choice index, event)."""
+    """The n × prompts jobs of one request, as one merged stream of (choice index, event).
+
+    The jobs share one JobGroup: the queue timeout applies until the first of them reaches a
+    worker, and the time limit is one deadline for all of them, counted from then.
+    """
 
     def __init__(self, pool: ModelPool, plan: Plan, retry_after: int, time_limit: float | None = None) -> None:
         self.pool = pool
@@ -35,6 +42,7 @@ class Run:
         self.time_limit = time_limit
         self.sink: asyncio.Queue = asyncio.Queue()
         self.handles: list[JobHandle] = []
+        self.group = JobGroup()
         self.started: dict[int, Started] = {}
         self._early: list[tuple[int, object]] = []  # events seen by wait_first, replayed by events
         self._open: set[int] = set()
@@ -57,7 +65,7 @@ class Run:
                         sampling=plan.seed_for(index), logprobs=plan.logprobs,
                         time_limit=self.time_limit, reuse_prefix=self.pool.spec.prefix_cache,
                     )
-                    self.handles.append(self.pool.submit(job, self.sink, index))
+                    self.handles.append(self.pool.submit(job, self.sink, index, self.group))
                     self._open.add(index)
         except QueueFull:
             self.cancel()
@@ -66,8 +74,9 @@ class Run:
                            headers={"Retry-After": str(self.retry_after)}) from None
         except ModelUnavailable as exc:
             self.cancel()
-            raise APIError(503, f"{exc}. Retry later.", type="server_error", code="model_unavailable",
-                           headers={"Retry-After": str(self.retry_after)}) from None
+            wait = exc.retry_after or self.retry_after
+            raise APIError(503, f"The {exc}. Retry in {wait}s.", type="server_error", code="model_unavailable",
+                           headers={"Retry-After": str(wait)}) from None
 
     async def wait_first(self) -> None:
         """Wait until a job has started (so a stream can begin) or the first one failed (an HTTP error)."""

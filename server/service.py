@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -12,19 +11,20 @@ from collections.abc import AsyncIterator, Callable
 from backends.pool import WorkerPool
 from backends.registry import Registry, ServedModel
 from backends.types import Failed, Finished, FinishReason, Started, Tokens
-from server.errors import APIError, model_not_found
+from server.errors import APIError, model_not_downloaded, model_not_found, model_unavailable
+from server.lifecycle import Lifecycle
 from server.metrics import Metrics
 from server.middleware import RequestRecord
 from server.tracking import Tracker
-from server.params import Plan, chat_plan, completion_plan
+from server.params import BIG_WORK, Plan, chat_plan, completion_plan, work_size
+from server.request_watch import CLOSED, Guard, Watch
 from server.protocol import ChatCompletionRequest, CompletionRequest, Delta, ModelCard, ModelList
-from server.render import Renderer, chat_logprobs, completion_logprobs, usage
+from server.render import Renderer, chat_logprobs, completion_logprobs, dumps, usage
 from server.runner import Run
 from server.settings import Settings
 from server.streaming import ChoiceState, TextAssembler
 
 log = logging.getLogger(__name__)
-
 
 class InferenceService:
     """What the routes call: one method per endpoint."""
@@ -43,66 +43,96 @@ class InferenceService:
         return [m for m in self.registry.served
                 if (p := self.pool.get(m.spec.id)) is not None and p.available]
 
-    def resolve(self, name: str) -> ServedModel:
-        """A served model by id or alias, else 404 model_not_found (never a silent default)."""
+    def resolve(self, name: str, record: RequestRecord | None = None) -> ServedModel:
+        """A served model by id or alias; else 404 (unknown, or registered but not downloaded) or 503
+        (registered but it could not be loaded). Never a silent default. The record names the model."""
         model = self._names.get(name)
-        if model is None or self.pool.get(model.spec.id) is None:
+        if model is not None:
+            if record is not None:
+                record.model = model.spec.id
+            if self.pool.get(model.spec.id) is not None:
+                return model
+            reason = getattr(self.pool, "failed", {}).get(model.spec.id) or "its workers are not running"
+            reason = reason.replace(str(model.path), model.path.name)  # no server paths for clients
+            raise model_unavailable(model.spec.id, f"registered but could not be loaded: {reason}",
+                                    self.settings.retry_after)
+        found = self.registry.unserved(name)
+        if found is None:
             raise model_not_found(name)
-        return model
+        model_id, reason = found
+        if record is not None:
+            record.model = model_id
+        if model_id in self.registry.not_downloaded:
+            raise model_not_downloaded(model_id, reason)
+        raise model_unavailable(model_id, reason, self.settings.retry_after)
 
     def list_models(self) -> dict:
         """GET /v1/models."""
         return ModelList(data=[self._card(m) for m in self.served()]).wire()
 
-    def get_model(self, name: str) -> dict:
+    def get_model(self, name: str, record: RequestRecord | None = None) -> dict:
         """GET /v1/models/{id}."""
-        return self._card(self.resolve(name)).wire()
+        return self._card(self.resolve(name, record)).wire()
 
     def _card(self, m: ServedModel) -> ModelCard:
         return ModelCard(id=m.spec.id, created=self.started_at, owned_by=m.spec.owned_by)
 
     # ---- generation ----
-    async def completions(self, req: CompletionRequest, disconnected: Callable,
-                          record: RequestRecord) -> dict | AsyncIterator[str]:
+    async def completions(self, req: CompletionRequest, disconnected: Callable, record: RequestRecord,
+                          lifecycle: Lifecycle | None = None) -> dict | _Stream:
         """POST /v1/completions."""
-        model = self.resolve(req.model)
-        record.model = model.spec.id
-        plan = await _off_loop(completion_plan, req, model, self.settings, _text_size(req.prompt))
-        return await self._execute(model, plan, "cmpl", disconnected, record, chat=False)
+        return await self._generate(req, completion_plan, "cmpl", disconnected, record, lifecycle, chat=False)
 
-    async def chat(self, req: ChatCompletionRequest, disconnected: Callable,
-                   record: RequestRecord) -> dict | AsyncIterator[str]:
+    async def chat(self, req: ChatCompletionRequest, disconnected: Callable, record: RequestRecord,
+                   lifecycle: Lifecycle | None = None) -> dict | _Stream:
         """POST /v1/chat/completions."""
-        model = self.resolve(req.model)
-        record.model = model.spec.id
-        size = sum(_text_size(m.content) for m in req.messages)
-        plan = await _off_loop(chat_plan, req, model, self.settings, size)
-        return await self._execute(model, plan, "chatcmpl", disconnected, record, chat=True)
+        return await self._generate(req, chat_plan, "chatcmpl", disconnected, record, lifecycle, chat=True)
+
+    async def _generate(self, req, plan_fn: Callable, prefix: str, disconnected: Callable,
+                        record: RequestRecord, lifecycle: Lifecycle | None, chat: bool) -> dict | _Stream:
+        """Admit the request (not while shutting down), plan it, run it; the guard records how it ended."""
+        try:
+            model = self.resolve(req.model, record)
+        except APIError as exc:
+            record.outcome = f"error:{exc.code}"
+            raise
+        guard = Guard(record, lifecycle)
+        guard.admit(self.settings.retry_after)
+        try:
+            plan = await _build(plan_fn, req, model, self.settings)
+            result = await self._execute(model, plan, prefix, disconnected, guard, chat)
+        except BaseException as exc:
+            guard.end(guard.outcome_of(exc))
+            raise
+        if isinstance(result, dict):
+            guard.end(guard.outcome_of(None))
+        return result
 
     async def _execute(self, model: ServedModel, plan: Plan, prefix: str, disconnected: Callable,
-                       record: RequestRecord, chat: bool) -> dict | AsyncIterator[str]:
+                       guard: Guard, chat: bool) -> dict | _Stream:
         pool = self.pool.get(model.spec.id)
         if pool is None:
             raise model_not_found(model.spec.id)
         run = Run(pool, plan, self.settings.retry_after, self.settings.request_timeout or None)
         run.submit()
-        watcher = asyncio.create_task(_cancel_on_disconnect(disconnected, run))
+        watch = Watch(run, guard, disconnected, self.settings.retry_after)
         renderer = Renderer(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), model.spec.id,
                             plan.include_usage)
         states = self._states(plan, run)
-        tracker = Tracker(self.metrics, model.spec.id, record, run, states)
+        tracker = Tracker(self.metrics, model.spec.id, guard.record, run, states)
         if plan.stream:
             try:
-                await run.wait_first()  # queue timeouts and early failures are still HTTP errors
+                await watch.first()  # queue timeouts and early failures are still HTTP errors
             except BaseException:
-                watcher.cancel()
+                watch.stop()
+                run.cancel()
                 raise
             body = _ChatStream if chat else _CompletionStream
-            return body(run, plan, renderer, states, watcher, tracker).events()
+            return body(run, plan, renderer, states, watch, tracker)
         try:
-            await _collect(run, states, tracker)
+            await _collect(run, states, tracker, watch)
         finally:
-            watcher.cancel()
+            watch.stop()
             run.cancel()
             tracker.close()
         return _chat_body(renderer, plan, states) if chat else _completion_body(renderer, plan, states)
@@ -118,29 +148,11 @@ class InferenceService:
         return states
 
 
-BIG_TEXT = 16_384  # characters: tokenizing more than this runs in a thread, off the event loop
-
-
-def _text_size(value: object) -> int:
-    """Rough character count of a prompt or message content."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):
-        return sum(_text_size(v if not hasattr(v, "text") else v.text) for v in value)
-    return 0
-
-
-async def _off_loop(fn, req, model: ServedModel, settings: Settings, size: int) -> Plan:
-    """Build the plan; big prompts are tokenized in a thread so other requests are not stalled."""
-    if size < BIG_TEXT:
-        return fn(req, model, settings)
-    return await asyncio.to_thread(fn, req, model, settings)
-
-
-async def _cancel_on_disconnect(disconnected: Callable, run: Run) -> None:
-    """Cancel the jobs as soon as the client goes away."""
-    await disconnected()
-    run.cancel()
+async def _build(plan_fn: Callable, req, model: ServedModel, settings: Settings) -> Plan:
+    """The plan; one with much to check or tokenize is built in a thread, so other requests are not stalled."""
+    if work_size(req, settings) < BIG_WORK:
+        return plan_fn(req, model, settings)
+    return await asyncio.to_thread(plan_fn, req, model, settings)
 
 
 def _apply(run: Run, state: ChoiceState, event: object) -> str:
@@ -169,9 +181,10 @@ def _apply(run: Run, state: ChoiceState, event: object) -> str:
     return ""
 
 
-async def _collect(run: Run, states: list[ChoiceState], tracker: "Tracker") -> None:
+async def _collect(run: Run, states: list[ChoiceState], tracker: Tracker, watch: Watch) -> None:
     """Consume every event of a non-streamed request."""
     async for index, event in run.events():
+        watch.check(event)
         tracker.see(index, event)
         _apply(run, states[index], event)
 
@@ -211,37 +224,49 @@ def _chat_body(r: Renderer, plan: Plan, states: list[ChoiceState]) -> dict:
 
 
 class _Stream:
-    """Common streaming loop: events → chunks, errors as an in-stream event, then [DONE]."""
+    """Common streaming loop: events -> chunks; every stream ends with its last chunk or an error event,
+    then [DONE]. `close` is idempotent and also called by the route once the response is over, so a
+    stream that never started still leaves the shutdown lifecycle."""
 
-    def __init__(self, run: Run, plan: Plan, r: Renderer, states: list[ChoiceState], watcher,
-                 tracker: "Tracker") -> None:
-        self.run, self.plan, self.r, self.states, self.watcher = run, plan, r, states, watcher
+    def __init__(self, run: Run, plan: Plan, r: Renderer, states: list[ChoiceState], watch: Watch,
+                 tracker: Tracker) -> None:
+        self.run, self.plan, self.r, self.states, self.watch = run, plan, r, states, watch
         self.tracker = tracker
 
     async def events(self) -> AsyncIterator[str]:
         """The SSE data payloads, ending with [DONE]; tokens that arrived together share a chunk."""
+        ended: BaseException | None = CLOSED  # unless it ends by itself: the client went away
         try:
             for chunk in self.opening():
-                yield json.dumps(chunk)
+                yield dumps(chunk)
             async for first in self.run.events():
                 for chunk in self._batch([first, *self.run.drain()]):
                     yield chunk
             if self.plan.include_usage:
-                yield json.dumps(self.usage_chunk(_usage(self.plan, self.states)))
+                yield dumps(self.usage_chunk(_usage(self.plan, self.states)))
+            ended = None
         except APIError as exc:
             self.run.cancel()
-            yield json.dumps(exc.body())
+            ended = exc
+            yield dumps(exc.body())
         finally:
-            self.watcher.cancel()
-            self.run.cancel()
-            self.tracker.close()
+            self.close(ended)
         yield "[DONE]"
+
+    def close(self, ended: BaseException | None = CLOSED) -> None:
+        """Stop the jobs and the watch, count the tokens, record the outcome (first call counts)."""
+        self.watch.stop()
+        self.run.cancel()
+        self.tracker.close()
+        guard = self.watch.guard
+        guard.end(guard.outcome_of(ended))
 
     def _batch(self, batch: list[tuple[int, object]]) -> list[str]:
         """Apply a batch of events; one delta chunk per choice (plus its finish chunk)."""
         texts: dict[int, list[str]] = {}
         finished: list[int] = []
         for index, event in batch:
+            self.watch.check(event)
             self.tracker.see(index, event)
             state = self.states[index]
             was_open = state.finish_reason is None
@@ -256,6 +281,12 @@ class _Stream:
     def opening(self) -> list[dict]:
         return []
 
+    def deltas(self, s: ChoiceState, text: str, finished: bool) -> list[str]:
+        raise NotImplementedError
+
+    def usage_chunk(self, use) -> dict:
+        raise NotImplementedError
+
 
 class _CompletionStream(_Stream):
     def opening(self) -> list[dict]:
@@ -269,11 +300,11 @@ class _CompletionStream(_Stream):
         out = []
         lp = _completion_lp(self.plan, s, s.take_records(final=finished))
         if lp:
-            out.append(json.dumps(self.r.completion_chunk(s.index, text, None, lp)))
+            out.append(dumps(self.r.completion_chunk(s.index, text, None, lp)))
         elif text:
             out.append(self.r.text_chunk("completion", s.index, text))
         if finished:
-            out.append(json.dumps(self.r.completion_chunk(s.index, "", s.finish_reason)))
+            out.append(dumps(self.r.completion_chunk(s.index, "", s.finish_reason)))
         return out
 
     def usage_chunk(self, use) -> dict:
@@ -289,13 +320,12 @@ class _ChatStream(_Stream):
         records = s.take_records(final=finished)
         lp = chat_logprobs(records) if self.plan.logprobs is not None and records else None
         if lp:
-            out.append(json.dumps(self.r.chat_chunk(s.index, Delta(content=text), None, lp)))
+            out.append(dumps(self.r.chat_chunk(s.index, Delta(content=text), None, lp)))
         elif text:
             out.append(self.r.text_chunk("chat", s.index, text))
         if finished:
-            out.append(json.dumps(self.r.chat_chunk(s.index, Delta(), s.finish_reason)))
+            out.append(dumps(self.r.chat_chunk(s.index, Delta(), s.finish_reason)))
         return out
 
     def usage_chunk(self, use) -> dict:
         return self.r.chat_usage_chunk(use)
-

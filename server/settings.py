@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "GPT4ALL_J_"
@@ -77,10 +77,14 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish on "
                                                           "SIGTERM/SIGINT before they are cut.")
     # security
-    api_keys: CommaList = Field([], description="Accepted API keys (comma-separated); none = no auth.")
+    api_keys: CommaList = Field([], description="Accepted API keys (comma-separated); unset or empty = no auth; "
+                                                 "a value with no key in it (e.g. ' , ') is refused.")
     api_key_file: Path | None = Field(None, description="File with one accepted API key per line.")
     auth_health: bool = Field(False, description="Require a key for /health and /ready too.")
     auth_metrics: bool = Field(False, description="Require a key for /metrics too.")
+    auth_docs: bool = Field(True, description="Require a key for /docs, /redoc, their assets and /openapi.json "
+                                              "too; --no-auth-docs lets a browser open the docs (they show the "
+                                              "API, not its data).")
     cors_origins: CommaList = Field([], description="Origins allowed by CORS (comma-separated); none = CORS off.")
     # operation
     log_level: str = Field("info", description="Log level: debug, info, warning or error.")
@@ -89,17 +93,33 @@ class Settings(BaseSettings):
     access_log: bool = Field(True, description="Write one access log line per request.")
     create_demo: bool = Field(True, description="Write registry models marked create_if_missing when absent.")
 
+    # set when --api-keys / GPT4ALL_J_API_KEYS was given but holds no key (" , "): startup refuses it
+    _api_keys_blank: bool = PrivateAttr(False)
+
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split(cls, v: object) -> object:
         if isinstance(v, str):
-            return [part.strip() for part in v.split(",") if part.strip()]
+            v = v.split(",")
+        if isinstance(v, (list, tuple)):
+            return [p.strip() if isinstance(p, str) else p for p in v if not isinstance(p, str) or p.strip()]
         return v
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _note_blank_api_keys(cls, data: object, handler):
+        settings = handler(data)
+        raw = data.get("api_keys") if isinstance(data, dict) else None
+        # "" alone means unset (compose's `${VAR:-}`); " , ", " " or ["", " "] were meant to hold keys
+        settings._api_keys_blank = raw not in (None, "", [], ()) and not settings.api_keys
+        return settings
+
+    def api_keys_blank(self) -> bool:
+        """Whether api_keys was given a value that holds no key (e.g. " , "): a mistake, not "no auth"."""
+        return self._api_keys_blank
+
     def all_api_keys(self) -> list[str]:
-        """Keys from the setting and the key file."""
-        keys = list(self.api_keys)
-        if self.api_key_file is not None:
-            lines = self.api_key_file.read_text(encoding="utf-8").splitlines()
-            keys += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-        return keys
+        """Keys from the setting and the key file (raises server.security.ConfigError; see load_api_keys)."""
+        from server.security import load_api_keys
+
+        return load_api_keys(self)

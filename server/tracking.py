@@ -22,6 +22,7 @@ class Tracker:
         self.metrics, self.model, self.record, self.run, self.states = metrics, model, record, run, states
         self.first_token: float | None = None
         self.closed = False
+        self.timed_out = False
 
     def see(self, index: int, event: object) -> None:
         """Note one engine event."""
@@ -33,9 +34,10 @@ class Tracker:
             handle = next((h for h in self.run.handles if h.tag == index), None)
             if handle is not None and handle.queue_wait is not None:
                 self.metrics.queue_wait.labels(model=self.model).observe(handle.queue_wait)
-        elif isinstance(event, Finished) and event.timed_out:
-            log.warning("request %s: choice %d hit the generation time limit after %d tokens; "
-                        "finished with 'length'", self.record.request_id, index, event.completion_tokens)
+        elif isinstance(event, Finished) and event.timed_out and not self.timed_out:
+            self.timed_out = True  # one deadline per request: say it once
+            log.warning("request %s hit the generation time limit (choice %d after %d tokens); its unfinished "
+                        "choices end with 'length'", self.record.request_id, index, event.completion_tokens)
 
     def close(self) -> None:
         """Count the request's tokens once, when it ends."""

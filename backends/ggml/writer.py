@@ -6,6 +6,7 @@ import os
 import struct
 import tempfile
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,14 @@ _EXTRA_TOKENS = [
 ]
 
 
+class ConfigError(ValueError):
+    """Hyperparameters that cannot make a valid file; `field` is the GPTJConfig field at fault."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
+
+
 @dataclass
 class GPTJConfig:
     """Hyperparameters of a GPT-J file to write."""
@@ -70,6 +79,31 @@ class GPTJConfig:
     n_layer: int = 2
     n_rot: int = 8
     ftype: str = "q4_0"
+
+    def check(self, legacy: bool = False) -> int:
+        """Raise ConfigError naming the first invalid field; return the weights' ggml type."""
+        table = LEGACY_FTYPES if legacy else NAME_TO_GGML_TYPE
+        if self.ftype not in table:
+            kind = "legacy " if legacy else ""
+            raise ConfigError("ftype", f"unknown {kind}ftype {self.ftype!r}; expected one of {sorted(table)}")
+        for name in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"):
+            value = getattr(self, name)
+            if not isinstance(value, Integral) or value <= 0:
+                raise ConfigError(name, f"{name} must be a positive integer, got {value!r}")
+        if self.n_vocab < MIN_VOCAB:
+            raise ConfigError("n_vocab", f"n_vocab must be >= {MIN_VOCAB} (256 byte tokens, common words and "
+                                         f"<|endoftext|>), got {self.n_vocab}")
+        if self.n_embd % self.n_head:
+            raise ConfigError("n_embd", f"n_embd must be a multiple of n_head ({self.n_head}), got {self.n_embd}")
+        head_dim = self.n_embd // self.n_head
+        if not isinstance(self.n_rot, Integral) or not 0 <= self.n_rot <= head_dim or self.n_rot % 2:
+            raise ConfigError("n_rot", f"n_rot must be even and in [0, {head_dim}] (n_embd / n_head), "
+                                       f"got {self.n_rot!r}")
+        wtype = LEGACY_FTYPES[self.ftype][1] if legacy else NAME_TO_GGML_TYPE[self.ftype]
+        if wtype not in (GGML_TYPE_F32, GGML_TYPE_F16) and self.n_embd % QK:
+            raise ConfigError("n_embd", f"n_embd must be a multiple of {QK} with the quantized ftype "
+                                        f"{self.ftype} (its blocks hold {QK} weights), got {self.n_embd}")
+        return wtype
 
 
 def default_vocab(n_vocab: int = 512) -> list[bytes]:
@@ -90,28 +124,6 @@ def default_vocab(n_vocab: int = 512) -> list[bytes]:
         vocab.append(f"<|extra_{i}|>".encode())
         i += 1
     return vocab
-
-
-def _check_config(config: GPTJConfig, legacy: bool) -> int:
-    """Validate the hyperparameters; return the weight ggml type."""
-    table = LEGACY_FTYPES if legacy else NAME_TO_GGML_TYPE
-    if config.ftype not in table:
-        kind = "legacy " if legacy else ""
-        raise ValueError(f"unknown {kind}ftype {config.ftype!r}; expected one of {sorted(table)}")
-    wtype = LEGACY_FTYPES[config.ftype][1] if legacy else NAME_TO_GGML_TYPE[config.ftype]
-    for name in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"):
-        if getattr(config, name) <= 0:
-            raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
-    if config.n_vocab < MIN_VOCAB:
-        raise ValueError(f"n_vocab must be >= {MIN_VOCAB}, got {config.n_vocab}")
-    if config.n_embd % config.n_head:
-        raise ValueError(f"n_head {config.n_head} does not divide n_embd {config.n_embd}")
-    head_dim = config.n_embd // config.n_head
-    if not 0 <= config.n_rot <= head_dim or config.n_rot % 2:
-        raise ValueError(f"n_rot must be even and in [0, {head_dim}] (head dim), got {config.n_rot}")
-    if wtype not in (GGML_TYPE_F32, GGML_TYPE_F16) and config.n_embd % QK:
-        raise ValueError(f"quantized ftype {config.ftype} needs n_embd to be a multiple of {QK}")
-    return wtype
 
 
 def _random_weights(config: GPTJConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -199,7 +211,9 @@ def _successor_weights(
         logits[rows, cols] = -np.inf
         margin = min(margin, float((win - logits.max(axis=1)).min()))
     if margin < min_margin:
-        raise ValueError(f"successor model margin {margin:.2f} < {min_margin}; use a larger n_embd")
+        raise ConfigError("n_embd", f"n_embd {n} is too small for a successor model of {v} tokens (the logit "
+                                    f"margin {margin:.2f} is below {min_margin}: greedy choices would not be "
+                                    "reliable); use a larger n_embd")
     return weights
 
 
@@ -231,7 +245,7 @@ def write_model(
     (ftype without quantization version, f32 scales, nibble pairs; ftype q4_0, q4_1, q4_2 or q8_0),
     which ctransformers cannot load: it is meant for testing detection and conversion.
     """
-    wtype = _check_config(config, legacy)
+    wtype = config.check(legacy)
     vocab = default_vocab(config.n_vocab) if vocab is None else list(vocab)
     if len(vocab) != config.n_vocab:
         raise ValueError(f"vocab has {len(vocab)} tokens, config.n_vocab is {config.n_vocab}")

@@ -3,13 +3,13 @@
 from server.protocol.requests import ChatCompletionRequest, ChatMessage, CompletionRequest, StreamOptions
 from server.protocol.responses import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs,
-    Completion, CompletionChoice, CompletionLogprobs, Delta, ModelCard, ModelList, TokenLogprobOut,
-    TopLogprob, Usage,
+    Completion, CompletionChoice, CompletionLogprobs, Delta, ErrorResponse, ModelCard, ModelList,
+    TokenLogprobOut, TopLogprob, Usage,
 )
 
 __all__ = [
     "AssistantMessage", "ChatChoice", "ChatChunkChoice", "ChatCompletion", "ChatCompletionChunk",
     "ChatCompletionRequest", "ChatLogprobs", "ChatMessage", "Completion", "CompletionChoice",
-    "CompletionLogprobs", "CompletionRequest", "Delta", "ModelCard", "ModelList", "StreamOptions",
+    "CompletionLogprobs", "CompletionRequest", "Delta", "ErrorResponse", "ModelCard", "ModelList", "StreamOptions",
     "TokenLogprobOut", "TopLogprob", "Usage",
 ]

@@ -2,16 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, WithJsonSchema, field_validator
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+_PROMPT_SHAPES = str | list[str] | list[int] | list[list[int]]
+
+
+def _prompt_shape(value: Any) -> str | None:
+    """Which of the four prompt shapes a value can only be, from its first item (None: none of them).
+
+    Validating one shape instead of trying all four keeps a list of millions of ids cheap: a union
+    would first validate every id as a string, and record an error for each."""
+    if isinstance(value, str):
+        return "str"
+    if not isinstance(value, list):
+        return None
+    first = value[0] if value else ""
+    if isinstance(first, list):
+        return "list[list[int]]"
+    number = isinstance(first, (int, float)) and not isinstance(first, bool)
+    return "list[int]" if number else "list[str]"
+
+
+Prompt = Annotated[
+    Annotated[str, Tag("str")] | Annotated[list[str], Tag("list[str]")] | Annotated[list[int], Tag("list[int]")]
+    | Annotated[list[list[int]], Tag("list[list[int]]")],
+    Discriminator(_prompt_shape, custom_error_type="invalid_union",
+                  custom_error_message="Input should be a string, an array of strings, an array of token ids "
+                                       "or an array of token-id arrays"),
+    WithJsonSchema(TypeAdapter(_PROMPT_SHAPES).json_schema()),
+]
 
 
 class _Request(BaseModel):
     # strict: JSON types must match (no "4" for 4, no true for 1), as OpenAI validates them
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 40 else text[:40] + "..."
 
 
 class StreamOptions(_Request):
@@ -53,9 +83,9 @@ class _Sampling(_Request):
     def _bias_range(cls, v: dict[str, int] | None) -> dict[str, int] | None:
         for key, bias in (v or {}).items():
             if not (key.isascii() and key.isdigit()):
-                raise ValueError(f"keys must be token ids, got {key!r}")
+                raise ValueError(f"keys must be token ids, got {_short(key)!r}")
             if not -100 <= bias <= 100:
-                raise ValueError(f"bias for token {key} must be between -100 and 100")
+                raise ValueError(f"bias for token {_short(key)} must be between -100 and 100")
         return v
 
 

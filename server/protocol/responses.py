@@ -161,3 +161,18 @@ class ModelList(_Response):
 
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class Error(BaseModel):
+    """OpenAI's error object."""
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer: {"error": {...}} (also sent as an event inside a stream)."""
+
+    error: Error

@@ -1,0 +1,326 @@
+"""Worker processes of one model: spawn, watch, kill when stalled, replace with backoff, say what happened."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import multiprocessing as mp
+import pickle
+import signal
+import time
+from collections import deque
+
+from backends.jobs import PoolModel, PoolPolicy, WorkerProc
+from backends.types import ErrorKind, Failed, Tokens
+from backends.worker import unpack_tokens, worker_main
+
+log = logging.getLogger("backends.pool")
+_SPAWN = mp.get_context("spawn")
+
+
+def describe_exit(code: int | None) -> str:
+    """How a process ended, from its exit code (negative = killed by that signal)."""
+    if code is None:
+        return "ended (its exit status could not be read)"
+    if code >= 0:
+        return f"exited with code {code}"
+    number = -code
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        return f"was killed by signal {number}"
+    return f"was killed by signal {number} ({name})"
+
+
+def reap(process, timeout: float = 1.0) -> int | None:
+    """Wait (briefly) for an ended process and return its exit code; no zombie is left behind.
+
+    A process's sentinel becomes readable as the process closes its files, a moment before the
+    kernel makes its exit status available, so reading `exitcode` at once can give None. This
+    polls waitpid (no file descriptor needed, unlike Process.join: it works when files run out).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            code = process.exitcode
+        except (ValueError, OSError):
+            return None
+        if code is not None or time.monotonic() >= deadline:
+            return code
+        time.sleep(0.001)
+
+
+def spawn_retry_delay(failures: int) -> float:
+    """Seconds before the next attempt to start a worker after `failures` failed attempts (0.5 s .. 30 s)."""
+    return min(0.5 * 2 ** max(failures - 1, 0), 30.0)
+
+
+def crash_delay(recent_crashes: int) -> float:
+    """Seconds before replacing a worker after `recent_crashes` crashes in the window (0.1 s .. 5 s)."""
+    return min(0.1 * 2 ** max(recent_crashes - 1, 0), 5.0)
+
+
+def kill(worker: WorkerProc) -> None:
+    """SIGKILL a worker (works on a stopped process too); its exit is handled by the sentinel watcher."""
+    try:
+        worker.process.kill()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+class WorkerSupervisor:
+    """The process side of a model's pool; the subclass (ModelPool) runs the jobs.
+
+    Hooks the subclass provides: `_on_message(worker, msg)`, `_dispatch()`, `_requeue(handle)`,
+    `_fail_pending(message, retry_after)`.
+    """
+
+    def __init__(self, spec: PoolModel, policy: PoolPolicy | None, load_timeout: float) -> None:
+        self.spec = spec
+        self.policy = policy or PoolPolicy()
+        self.load_timeout = load_timeout
+        self.workers: list[WorkerProc] = []
+        self.limits = None
+        self.load_error: str | None = None
+        self.problem: str | None = None  # why the model is not at full strength right now; None = healthy
+        self.restarts = 0
+        self.crashes: deque[float] = deque()  # times of recent worker deaths
+        self.unavailable_until = 0.0
+        self.pieces: tuple[bytes, ...] = ()
+        self._closing = False
+        self._started = False  # start() succeeded: deaths are replaced from now on
+        self._watch: asyncio.TimerHandle | None = None
+
+    # ---- processes ------------------------------------------------------------------------
+    def _spawn(self, index: int) -> WorkerProc:
+        """Start one worker process and watch its pipe and its exit."""
+        progress = _SPAWN.RawValue("L", 0)
+        parent, child = _SPAWN.Pipe(duplex=True)
+        try:
+            proc = _SPAWN.Process(
+                target=worker_main,
+                args=(child, self.spec.path, self.spec.threads, self.spec.batch_size, self.spec.flush_interval,
+                      progress),
+                name=f"gpt4all-j-worker:{self.spec.name}:{index}",
+                daemon=True,
+            )
+            proc.start()
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        worker = WorkerProc(index=index, process=proc, conn=parent, progress=progress, pid=proc.pid)
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_reader(parent.fileno(), self._readable, worker)
+            loop.add_reader(proc.sentinel, self._exited, worker)
+        except BaseException:
+            kill(worker)
+            reap(proc)
+            self._forget(worker)
+            raise
+        return worker
+
+    def _kill_all(self) -> None:
+        """Kill every worker now (no grace) and reap them: a failed or cancelled start."""
+        self._closing = True
+        for w in self.workers:
+            kill(w)
+        for w in self.workers:
+            reap(w.process)
+            self._forget(w)
+
+    def _forget(self, worker: WorkerProc) -> None:
+        """Stop watching a worker and close its pipe and timers."""
+        self._unwatch(worker)
+        if worker.load_timer is not None:
+            worker.load_timer.cancel()
+        try:
+            worker.conn.close()
+        except OSError:
+            pass
+
+    def _unwatch_conn(self, worker: WorkerProc) -> None:
+        try:
+            asyncio.get_running_loop().remove_reader(worker.conn.fileno())
+        except (ValueError, OSError):
+            pass
+
+    def _unwatch(self, worker: WorkerProc) -> None:
+        """Stop watching a worker's pipe and sentinel."""
+        self._unwatch_conn(worker)
+        try:
+            asyncio.get_running_loop().remove_reader(worker.process.sentinel)
+        except (ValueError, OSError):
+            pass
+
+    # ---- events ---------------------------------------------------------------------------
+    def _readable(self, worker: WorkerProc) -> None:
+        """Drain every complete message a worker has sent."""
+        conn, pieces = worker.conn, self.pieces
+        try:
+            while conn.poll():
+                data = conn.recv_bytes()
+                tokens = unpack_tokens(data)
+                if tokens is not None:
+                    job_id, ids = tokens
+                    self._on_message(worker, Tokens(job_id, ids, [pieces[t] for t in ids]))
+                else:
+                    self._on_message(worker, pickle.loads(data))
+        except (EOFError, OSError):
+            self._unwatch_conn(worker)
+
+    def _on_control(self, worker: WorkerProc, kind: str, payload) -> None:
+        """A worker's ("ready", limits) or ("load_failed", reason)."""
+        if kind == "ready":
+            worker.limits = payload
+            self.limits = payload
+            _resolve(worker.ready, None)
+        elif kind == "load_failed":
+            worker.load_error = payload
+            _resolve(worker.ready, payload)
+
+    def _exited(self, worker: WorkerProc) -> None:
+        """A worker process ended: fail its job, then replace it (with backoff) unless closing."""
+        worker.alive = False  # first, so that draining its last messages cannot hand it a new job
+        self._readable(worker)  # e.g. why it could not load, sent just before it exited
+        how = describe_exit(reap(worker.process))
+        self._forget(worker)
+        _resolve(worker.ready, f"the worker {how} while loading the model")
+        if worker.job is not None:
+            worker.job.deliver(Failed(worker.job.job.job_id, ErrorKind.INTERNAL,
+                                      f"the worker process serving this request {how} before it finished"))
+            worker.job = None
+        if self._closing or not self._started:
+            return  # stop() or start() accounts for it
+        if worker.load_error:
+            what = f"could not load the model: {worker.load_error}"
+        elif worker.killed_because:
+            what = f"{how}: {worker.killed_because}"
+        else:
+            what = how if worker.limits is not None else f"{how} while loading the model"
+        self.problem = f"worker {worker.index} {what}"
+        delay = self._note_crash()
+        log.warning("worker %d of %s (pid %d) %s; starting a replacement in %.2fs", worker.index,
+                    self.spec.name, worker.pid, what, delay)
+        if not self.available:
+            log.error("model %s: %s", self.spec.name, self.problem)
+        asyncio.get_running_loop().call_later(delay, self._replace, worker)
+
+    def _note_crash(self) -> float:
+        """Record a crash; returns the restart delay. Too many crashes make the model unavailable."""
+        now = time.monotonic()
+        policy = self.policy
+        self.crashes.append(now)
+        while self.crashes and self.crashes[0] < now - policy.restart_window:
+            self.crashes.popleft()
+        if len(self.crashes) < policy.restart_limit:
+            return crash_delay(len(self.crashes))
+        self.unavailable_until = now + policy.restart_cooldown
+        self.crashes.clear()
+        self.problem = (f"crashed {policy.restart_limit} times in {policy.restart_window:g}s: unavailable for "
+                        f"{policy.restart_cooldown:g}s (last: {self.problem})")
+        self._fail_pending(f"its workers crashed {policy.restart_limit} times in {policy.restart_window:g}s",
+                           math.ceil(policy.restart_cooldown))
+        return policy.restart_cooldown
+
+    def _replace(self, worker: WorkerProc) -> None:
+        """Start a new process in a dead worker's slot; a failed start is retried with backoff."""
+        if self._closing or worker not in self.workers:
+            return
+        try:
+            replacement = self._spawn(worker.index)
+        except Exception as exc:  # e.g. OSError: [Errno 24] Too many open files
+            worker.spawn_failures += 1
+            delay = spawn_retry_delay(worker.spawn_failures)
+            self.problem = f"could not start a replacement for worker {worker.index}: {type(exc).__name__}: {exc}"
+            log.error("model %s: %s; retrying in %.1fs (attempt %d failed)", self.spec.name, self.problem,
+                      delay, worker.spawn_failures)
+            asyncio.get_running_loop().call_later(delay, self._replace, worker)
+            return
+        self.restarts += 1
+        self.workers[self.workers.index(worker)] = replacement
+        replacement.load_timer = asyncio.get_running_loop().call_later(
+            self.load_timeout, self._load_expired, replacement)
+        replacement.ready.add_done_callback(lambda _f: self._loaded(replacement))
+
+    def _loaded(self, worker: WorkerProc) -> None:
+        """A replacement finished loading (or failed to: its exit is handled by _exited)."""
+        if worker.load_timer is not None:
+            worker.load_timer.cancel()
+        if worker.limits is not None and worker.alive:
+            log.info("worker %d of %s (pid %d) is ready", worker.index, self.spec.name, worker.pid)
+            if self.alive == len(self.workers) and self.available:
+                self.problem = None
+        self._dispatch()
+
+    def _load_expired(self, worker: WorkerProc) -> None:
+        """A replacement is still loading after load_timeout: kill it (it is then replaced with backoff)."""
+        if worker.ready.done() or not worker.alive:
+            return
+        worker.killed_because = f"it did not load the model within {self.load_timeout:g}s (load_timeout)"
+        log.error("worker %d of %s (pid %d): %s; killing it", worker.index, self.spec.name, worker.pid,
+                  worker.killed_because)
+        kill(worker)
+
+    # ---- the progress watchdog --------------------------------------------------------------
+    def _schedule_watch(self) -> None:
+        period = min(1.0, self.policy.stall_timeout / 4)
+        self._watch = asyncio.get_running_loop().call_later(period, self._check_progress)
+
+    def _check_progress(self) -> None:
+        """Kill busy workers whose progress counter has not moved for stall_timeout seconds."""
+        if self._closing:
+            return
+        now, limit = time.monotonic(), self.policy.stall_timeout
+        for w in list(self.workers):
+            if not (w.alive and w.job is not None):
+                continue
+            value = w.progress.value
+            if value != w.seen:
+                w.seen, w.progress_at = value, now
+            elif now - w.progress_at > limit:
+                self._readable(w)  # its last messages may not have been handled yet
+                if w.alive and w.job is not None and w.progress.value == w.seen and now - w.progress_at > limit:
+                    self._stalled(w, now - w.progress_at)
+        self._schedule_watch()
+
+    def _stalled(self, worker: WorkerProc, idle: float) -> None:
+        """Kill a stalled worker (its exit brings a replacement); its job fails, or goes back to the
+        head of the queue if the worker never even took it."""
+        handle, worker.job, worker.alive = worker.job, None, False
+        taken = worker.progress.value != worker.dispatch_seen
+        worker.killed_because = (f"it made no progress for {idle:.1f}s while {'running' if taken else 'given'} "
+                                 f"a job (worker_stall_timeout is {self.policy.stall_timeout:g}s)")
+        log.error("worker %d of %s (pid %d): %s; killing it", worker.index, self.spec.name, worker.pid,
+                  worker.killed_because)
+        kill(worker)
+        if taken:
+            handle.deliver(Failed(handle.job.job_id, ErrorKind.INTERNAL,
+                                  f"the worker serving this request stopped making progress (nothing for "
+                                  f"{idle:.0f}s), so it was killed and replaced"))
+        else:
+            self._requeue(handle)
+
+    # ---- status ---------------------------------------------------------------------------
+    @property
+    def available(self) -> bool:
+        """Whether the model takes requests (not closing, not in a crash cooldown)."""
+        return not self._closing and time.monotonic() >= self.unavailable_until
+
+    @property
+    def busy(self) -> int:
+        """Workers currently running a job."""
+        return sum(1 for w in self.workers if w.job is not None)
+
+    @property
+    def alive(self) -> int:
+        """Workers that are loaded and running."""
+        return sum(1 for w in self.workers if w.alive and w.limits is not None)
+
+
+def _resolve(fut: asyncio.Future, value) -> None:
+    if not fut.done():
+        fut.set_result(value)
