@@ -73,6 +73,12 @@ def model_unavailable(model_id: str, reason: str, retry_after: int) -> APIError:
                     code="model_unavailable", headers={"Retry-After": str(retry_after)})
 
 
+def internal_error() -> APIError:
+    """500 internal_error: a failure of the server itself (the details go to the log, not the client)."""
+    return APIError(500, "The server had an error while processing your request.", type="server_error",
+                    code="internal_error")
+
+
 def shutting_down(retry_after: int) -> APIError:
     """503 server_shutting_down: no new generations while the server drains, and the end of running ones."""
     return APIError(503, "The server is shutting down and cannot finish this request. Retry it, on another "

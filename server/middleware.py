@@ -8,6 +8,7 @@ import logging
 import re
 import time
 import uuid
+from urllib.parse import quote
 from dataclasses import dataclass, field
 
 from server.errors import error_body
@@ -168,9 +169,15 @@ class RequestContext:
             access_log.info(
                 '%s %s "%s %s" %s model=%s prompt_tokens=%d completion_tokens=%d ttft_ms=%s duration_ms=%.1f '
                 'outcome=%s',
-                record.request_id, client[0], scope["method"], scope["path"], status, record.model or "-",
+                record.request_id, client[0], scope["method"], log_path(scope), status, record.model or "-",
                 record.prompt_tokens, record.completion_tokens, ttft, duration * 1000, record.outcome or "-",
             )
+
+
+def log_path(scope) -> str:
+    """The request path as sent, percent-encoded: no quote, space or control character can split a log field."""
+    raw = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
+    return quote(raw, safe="/:@!$&'()*+,;=-._~%")
 
 
 def _no_body(receive):

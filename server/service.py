@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from backends.pool import WorkerPool
 from backends.registry import Registry, ServedModel
 from backends.types import Failed, Finished, FinishReason, Started, Tokens
-from server.errors import APIError, model_not_downloaded, model_not_found, model_unavailable
+from server.errors import APIError, internal_error, model_not_downloaded, model_not_found, model_unavailable
 from server.lifecycle import Lifecycle
 from server.metrics import Metrics
 from server.middleware import RequestRecord
@@ -52,10 +52,9 @@ class InferenceService:
                 record.model = model.spec.id
             if self.pool.get(model.spec.id) is not None:
                 return model
-            reason = getattr(self.pool, "failed", {}).get(model.spec.id) or "its workers are not running"
-            reason = reason.replace(str(model.path), model.path.name)  # no server paths for clients
-            raise model_unavailable(model.spec.id, f"registered but could not be loaded: {reason}",
-                                    self.settings.retry_after)
+            # the reason (which can name server files) is in the log and in /ready's details, not here
+            raise model_unavailable(model.spec.id, "registered but its workers could not load it (the server "
+                                                   "log and /ready say why)", self.settings.retry_after)
         found = self.registry.unserved(name)
         if found is None:
             raise model_not_found(name)
@@ -249,6 +248,11 @@ class _Stream:
             self.run.cancel()
             ended = exc
             yield dumps(exc.body())
+        except Exception as exc:  # a bug must still end the stream with an error event and [DONE]
+            log.exception("stream failed", exc_info=exc)
+            self.run.cancel()
+            ended = internal_error()
+            yield dumps(ended.body())
         finally:
             self.close(ended)
         yield "[DONE]"
