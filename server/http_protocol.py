@@ -1,10 +1,13 @@
 """uvicorn's httptools protocol with the limits a server on an open network needs.
 
 - Request line + headers: at most `max_header_bytes` bytes and `max_headers` fields, else 431 (nothing
-  beyond the cap is buffered or parsed).
-- Time: complete headers within `header_timeout` of connecting or of the previous response (else the
-  connection is closed, with a 408 if part of a request came); the whole body within `body_timeout` of
-  the headers (else 408); idle keep-alive connections are closed by uvicorn (`timeout_keep_alive`).
+  beyond the cap is buffered or parsed). A chunked body's trailer fields are capped the same way (431).
+- Body: at most `max_body_wire_bytes` bytes on the wire after the headers (the body, as much again for
+  chunk framing, and trailers), else 413; the app enforces `max_body_bytes` on the body itself.
+- Time: complete headers within `header_timeout` of connecting or of the first byte of a request (else
+  the connection is closed, with a 408 if part of a request came); idle keep-alive connections between
+  requests are closed by uvicorn after `timeout_keep_alive`; the whole body within `body_timeout` of its
+  request's turn (a pipelined request waits unread behind the response before it: not timed), else 408.
 - Connections: at most `max_connections`; a newcomer over the cap closes the least recently active
   connection with no request in progress, or gets 503 when every connection is busy.
 - Slow readers: a response's output is queued (up to WRITE_HIGH_WATER bytes) rather than blocking the
@@ -16,21 +19,18 @@
 from __future__ import annotations
 
 import json
-import logging
 import socket
 import struct
-import time
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import ClassVar
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from server.errors import error_body
+from server.http_limits import Connections, EdgeLimits, Notices
 
-log = logging.getLogger("gpt4all_j_server.http")
+__all__ = ["EdgeLimits", "EdgeProtocol", "protocol_class"]
 
 WRITE_HIGH_WATER = 1024 * 1024  # output queued per connection before the app waits for the client
 WRITE_LOW_WATER = 256 * 1024
@@ -41,87 +41,6 @@ _BYTES_ACKED_OFFSET = 120  # struct tcp_info.tcpi_bytes_acked (Linux >= 4.1)
 
 class _HeaderLimit(Exception):
     """Raised from a parser callback to stop parsing a request with too many header fields."""
-
-
-@dataclass(frozen=True)
-class EdgeLimits:
-    """The connection limits (see the module docstring); on_reject counts refusals by code."""
-
-    max_header_bytes: int
-    max_headers: int
-    header_timeout: float
-    body_timeout: float
-    send_timeout: float
-    max_connections: int
-    on_reject: Callable[[str], None] | None = None
-
-    @classmethod
-    def from_settings(cls, settings, max_connections: int,
-                      on_reject: Callable[[str], None] | None = None) -> EdgeLimits:
-        """The limits from the server settings, with the connection cap already resolved."""
-        return cls(settings.max_header_bytes, settings.max_headers, settings.header_timeout,
-                   settings.body_timeout, settings.send_timeout, max_connections, on_reject)
-
-
-class Notices:
-    """Warnings about refused or cut connections: at most one line per kind every `every` seconds."""
-
-    def __init__(self, every: float = 10.0) -> None:
-        self.every = every
-        self._last: dict[str, float] = {}
-        self._quiet: dict[str, int] = {}
-
-    def warn(self, kind: str, message: str, *args: object) -> None:
-        """Log `message` unless a `kind` line was written recently (then count it for the next line)."""
-        now = time.monotonic()
-        if now - self._last.get(kind, -self.every) < self.every:
-            self._quiet[kind] = self._quiet.get(kind, 0) + 1
-            return
-        self._last[kind] = now
-        quiet = self._quiet.pop(kind, 0)
-        suffix = f" ({quiet} more like it in the last {self.every:.0f}s)" if quiet else ""
-        log.warning(message + suffix, *args)
-
-
-class Connections:
-    """The open client connections, least recently active first."""
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self._open: OrderedDict[EdgeProtocol, None] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._open)
-
-    def admit(self, conn: EdgeProtocol) -> bool:
-        """Register a new connection, closing the stalest idle one if at the cap; False if none is idle."""
-        if len(self._open) >= self.cap:
-            victim = next((c for c in self._open if c.idle()), None)
-            if victim is None:
-                return False
-            self.drop(victim)
-            victim.transport.abort()
-            conn.notices.warn("evict", "connection limit (%d) reached: closed an idle connection to admit a "
-                                       "new one", self.cap)
-        self._open[conn] = None
-        return True
-
-    def touch(self, conn: EdgeProtocol) -> None:
-        """The connection was active: it becomes the last to be evicted."""
-        if conn in self._open:
-            self._open.move_to_end(conn)
-
-    def drop(self, conn: EdgeProtocol) -> None:
-        """Forget a closed connection."""
-        self._open.pop(conn, None)
-
-    def abort_all(self) -> int:
-        """Close every connection now (forced shutdown); how many were open."""
-        conns = list(self._open)
-        self._open.clear()
-        for conn in conns:
-            conn.transport.abort()
-        return len(conns)
 
 
 class EdgeProtocol(HttpToolsProtocol):
@@ -135,9 +54,13 @@ class EdgeProtocol(HttpToolsProtocol):
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._in_headers = True  # waiting for (the rest of) a request line and headers
-        self._header_bytes = 0
-        self._header_count = 0
-        self._requests = 0  # requests whose headers are complete
+        self._begun = False  # some of the next request has come (so a header timeout answers 408)
+        self._header_bytes = self._header_count = 0
+        self._requests = self._messages = 0  # requests whose headers / whole message are in
+        self._body_bytes = 0  # wire bytes since the current request's headers (body, framing, trailers)
+        self._trailer_bytes = 0
+        self._trailing = False  # after a chunk-size line, before its data: trailers if it was the last
+        self._bodies = 0  # on_body calls (chunk data seen)
         self._timer = None  # the header, body or linger timer (one phase at a time)
         self._send_watch = None
         self._acked_mark = self._pending_mark = 0
@@ -167,13 +90,14 @@ class EdgeProtocol(HttpToolsProtocol):
         busy = cycle is not None and not cycle.response_complete and not cycle.disconnected
         return not busy and not self.pipeline and not self.transport.get_write_buffer_size()
 
-    # reading: cap the request line and headers
+    # reading: cap the request line and headers, the body's wire bytes and its trailers
     def data_received(self, data: bytes) -> None:
         if self._lingering:
             return  # an error was answered: discard what the client still sends
         if not self._in_headers:
-            self._feed(data)
+            self._receive_body(data)
             return
+        self._next_request_begun()
         room = self.limits.max_header_bytes - self._header_bytes
         if len(data) <= room:
             self._header_bytes += len(data)
@@ -190,6 +114,47 @@ class EdgeProtocol(HttpToolsProtocol):
                               "bytes.")
             return
         self.data_received(data[room:])  # the headers ended within the cap: go on with the rest
+
+    def _receive_body(self, data: bytes) -> None:
+        """Feed body-phase bytes: at most max_body_wire_bytes per request (413), trailers as headers (431).
+
+        Bytes that arrive right after a chunk-size line and bring no chunk data are trailer fields (the
+        size was 0), which the parser buffers like headers. Those in the read that carried the last chunk
+        itself are not counted: at most one read (256 KiB) more.
+        """
+        trailing, bodies, done = self._trailing, self._bodies, self._messages
+        if trailing:
+            room = max(0, self.limits.max_header_bytes - self._trailer_bytes)
+        else:
+            room = max(0, self.limits.max_body_wire_bytes - self._body_bytes)
+        part = data[:room]
+        self._body_bytes += len(part)
+        if part:
+            self._feed(part)
+        if self.transport.is_closing() or self._lingering:
+            return
+        in_trailers = trailing and self._bodies == bodies and self._messages == done
+        if in_trailers:
+            self._trailer_bytes += len(part)
+        if len(part) == len(data):
+            return
+        if self._messages != done or (trailing and not in_trailers):
+            self.data_received(data[len(part):])  # the message (or the trailer guess) ended: go on
+        elif in_trailers:
+            self._refuse_body(431, f"The request's trailer fields are larger than "
+                                   f"{self.limits.max_header_bytes} bytes.", "request_header_fields_too_large")
+        else:
+            self._refuse_body(413, f"The request body is larger than {self.limits.max_body_bytes} bytes "
+                                   f"({self.limits.max_body_wire_bytes} bytes on the wire with its chunked "
+                                   "framing).", "request_too_large")
+
+    def _next_request_begun(self) -> None:
+        """Bytes of a next request: its header timeout runs from now (an idle connection is uvicorn's
+        keep-alive timer's)."""
+        self._begun = True
+        if self._timer is None:
+            self._unset_keepalive_if_required()
+            self._arm(self.limits.header_timeout, self._header_timeout)
 
     def _feed(self, data: bytes) -> None:
         """uvicorn's data_received, telling a header-count refusal (431) from a malformed request (400)."""
@@ -218,36 +183,61 @@ class EdgeProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_count = 0
+        self._next_request_begun()  # also when it came in the read that ended the previous request
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_count += 1
+        self._header_count += 1  # trailer fields count too
         if self._header_count > self.limits.max_headers:
             raise _HeaderLimit()
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._requests += 1
-        self._in_headers = False
+        self._in_headers = self._begun = self._trailing = False
+        self._body_bytes = self._trailer_bytes = 0
+        self._cancel_timer()  # the body timer starts with the request's turn (_start_asgi_task)
         self.edge_connections.touch(self)
-        self._arm(self.limits.body_timeout, self._body_timeout)
         super().on_headers_complete()
 
+    def _start_asgi_task(self, cycle, app) -> None:
+        super()._start_asgi_task(cycle, app)
+        if cycle is self.cycle and not self._in_headers:  # its body is still to come
+            self._arm(self.limits.body_timeout, self._body_timeout)
+
+    def on_chunk_header(self) -> None:
+        self._trailing = True
+        self._trailer_bytes = 0
+
+    def on_chunk_complete(self) -> None:
+        self._trailing = False
+
+    def on_body(self, body: bytes) -> None:
+        self._bodies += 1
+        self._trailing = False
+        super().on_body(body)
+
     def on_message_complete(self) -> None:
+        self._messages += 1
+        self._trailing = False
         self._cancel_timer()
         super().on_message_complete()
         self._in_headers = True
         self._header_bytes = 0
-        if self.cycle is None or self.cycle.response_complete:  # answered before the body ended
-            self._arm(self.limits.header_timeout, self._header_timeout)
+        cycle = self.cycle
+        if (cycle is None or cycle.response_complete) and not self.transport.is_closing() \
+                and self.timeout_keep_alive_task is None:  # answered before the body ended: now idle
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                self.timeout_keep_alive_handler)
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
+        super().on_response_complete()  # arms uvicorn's keep-alive timer, or starts a pipelined request
         if self.transport.get_write_buffer_size():
             self._watch_send()
         if self.transport.is_closing():
             return
         self.edge_connections.touch(self)
-        if self._in_headers and not self.pipeline:
+        if self._in_headers and self._begun and not self.pipeline:  # a next request has begun
+            self._unset_keepalive_if_required()
             self._arm(self.limits.header_timeout, self._header_timeout)
 
     # timeouts
@@ -265,8 +255,8 @@ class EdgeProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if self.transport.is_closing() or not self._in_headers or (
                 cycle is not None and not cycle.response_complete and not cycle.disconnected):
-            return
-        if self._header_bytes:
+            return  # (re-armed when the response is complete)
+        if self._begun:
             self._reject(408, f"The request headers did not arrive within {self.limits.header_timeout:g} "
                               "seconds.", code="request_timeout")
         else:
@@ -274,20 +264,23 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def _body_timeout(self) -> None:
         self._timer = None
-        if self.transport.is_closing():
-            return
+        if not self.transport.is_closing():
+            self._refuse_body(408, f"The request body did not arrive within {self.limits.body_timeout:g} "
+                                   "seconds.", "request_timeout")
+
+    def _refuse_body(self, status: int, message: str, code: str) -> None:
+        """End a request whose body cannot be taken: answer it if its response has not started."""
         cycle = self.cycle
-        if self.pipeline:  # queued behind a response in progress: no clean way to answer in order
-            self._count("request_timeout")
-            self.transport.abort()
-        elif cycle is not None and not cycle.response_started:
+        if cycle is not None and cycle.response_complete and not self.pipeline:
+            self._count(code)  # answered already (e.g. the app's own 413): stop reading the rest
+            self._lingering = True
+            self.transport.close()
+        elif cycle is not None and not cycle.response_started and not self.pipeline:
             cycle.disconnected = True  # the app sees http.disconnect; anything it sends is dropped
             cycle.message_event.set()
-            self._reject(408, f"The request body did not arrive within {self.limits.body_timeout:g} seconds.",
-                         code="request_timeout")
-        else:
-            self._count("request_timeout")
-            self.transport.close()
+            self._reject(status, message, code=code)
+        else:  # a response is in progress (this one's, or one before it): read no more, close after it
+            self._reject(status, message, code=code)
 
     # answering at the protocol level
     def _reject(self, status: int, message: str, code: str = "request_header_fields_too_large") -> None:

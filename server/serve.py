@@ -3,9 +3,9 @@
 Order at start: logging, the open-file limit, the listening socket (a busy port is reported before any
 model loads), the app (registry, keys), then uvicorn with the edge protocol (server.http_protocol).
 
-Exit codes: 0 after a stop by SIGTERM/SIGINT (also while models were still loading); 2 for a
-configuration error or a port that cannot be bound; 3 if the application failed to start; 128+N
-(130 for Ctrl-C, 143 for SIGTERM) when a second signal forced the stop.
+Exit codes: 0 after a stop by a first SIGTERM/SIGINT, at any stage (while the app is built, while models
+load, while serving); 2 for a configuration error or a port that cannot be bound; 3 if the application
+failed to start; 128+N (130 for Ctrl-C, 143 for SIGTERM) when a second signal forced the stop.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ log = logging.getLogger("gpt4all_j_server")
 FD_RESERVE_BASE = 64  # descriptors kept free for the listening socket, logs, the event loop, files
 FD_RESERVE_PER_WORKER = 8  # pipes and the process handle of each worker (and of its replacement)
 MIN_CONNECTIONS = 16
+DEFAULT_MAX_CONNECTIONS = 1024  # the cap when --max-connections is 0 (nginx's usual worker_connections)
 SHUTDOWN_MARGIN = 5.0  # uvicorn cancels what still runs this long after the shutdown grace
 FLUSH_AFTER_CUT = 2.0  # after the grace's cut: time for the final events to go out, then connections close
 FORCED_EXIT_AFTER = 10.0  # after a second signal the process exits at the latest this long after
@@ -47,8 +48,9 @@ def run(settings: Settings) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     os.environ[LOG_FORMAT_ENV] = settings.log_format  # worker processes log in the same format
+    quiet_exit = QuietExit()
     for sig in (signal.SIGINT, signal.SIGTERM):  # before and after serving: exit quietly
-        signal.signal(sig, _quiet_exit)
+        signal.signal(sig, quiet_exit)
     soft, _ = raise_open_file_limit()
     try:
         sockets = bind(settings.host, settings.port)
@@ -68,6 +70,7 @@ def run(settings: Settings) -> int:
         code = exc.code if isinstance(exc.code, int) else 1
         return server.exit_code if server.signals else code
     finally:
+        quiet_exit.seen = max(quiet_exit.seen, server.signals)  # a signal after serving is not a first
         _close(sockets)
     return server.exit_code
 
@@ -82,7 +85,12 @@ def _config(app, settings: Settings, open_files: int) -> uvicorn.Config:
     """uvicorn's configuration: our protocol class and logging, the keep-alive and shutdown timeouts."""
     workers = _worker_count(app, settings)
     fits = connection_cap(open_files, workers)
-    cap = settings.max_connections or fits
+    cap = settings.max_connections or min(fits, DEFAULT_MAX_CONNECTIONS)
+    if settings.max_connections:
+        how = "--max-connections"
+    else:
+        how = (f"--max-connections 0: the lower of {DEFAULT_MAX_CONNECTIONS} and the open-file limit {open_files} "
+               f"less {open_files - fits} for {workers} worker(s) and the server's files")
     if cap > fits:
         log.warning("--max-connections %d may exceed the open-file limit (%d) next to %d worker(s): new "
                     "connections can fail before the cap is reached", cap, open_files, workers)
@@ -93,8 +101,8 @@ def _config(app, settings: Settings, open_files: int) -> uvicorn.Config:
             metrics.rejected.labels(reason=code).inc()
 
     limits = EdgeLimits.from_settings(settings, cap, on_reject)
-    log.info("connection limits: %d connections, headers %d bytes / %d fields, timeouts: headers %gs, body "
-             "%gs, keep-alive %gs, send %gs", cap, limits.max_header_bytes, limits.max_headers,
+    log.info("connection limits: %d connections (%s), headers %d bytes / %d fields, timeouts: headers %gs, "
+             "body %gs, keep-alive %gs, send %gs", cap, how, limits.max_header_bytes, limits.max_headers,
              limits.header_timeout, limits.body_timeout, settings.keep_alive_timeout, limits.send_timeout)
     return uvicorn.Config(
         app, http=protocol_class(limits), ws="none", lifespan="on", log_config=None,
@@ -179,9 +187,16 @@ def _close(sockets: list[socket.socket]) -> None:
         sock.close()
 
 
-def _quiet_exit(sig: int, frame) -> None:
-    """A signal outside uvicorn's watch (while the app is built, or after serving): exit without a traceback."""
-    raise SystemExit(128 + sig)
+class QuietExit:
+    """The handler for signals outside uvicorn's watch (while the app is built, or after serving): exit
+    without a traceback, 0 for a first stop signal (as while serving), 128+N for a later one."""
+
+    def __init__(self) -> None:
+        self.seen = 0  # stop signals received so far (uvicorn's count is added after serving)
+
+    def __call__(self, sig: int, frame) -> None:
+        self.seen += 1
+        raise SystemExit(0 if self.seen == 1 else 128 + sig)
 
 
 class EdgeServer(uvicorn.Server):

@@ -33,7 +33,10 @@ class Settings(BaseSettings):
     request_timeout: float = Field(600.0, ge=0,
                                    description="Seconds of generation per request; then it ends with "
                                                "finish_reason 'length' (0 = no limit).")
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024,
+                                description="Largest request body accepted; on the wire a request may send at "
+                                            "most twice this plus --max-header-bytes after its headers (chunk "
+                                            "framing, trailers), else 413.")
     max_n: int = Field(8, ge=1, le=128, description="Largest `n` (choices per prompt) a request may ask for.")
     max_prompts: int = Field(16, ge=1, description="Largest number of prompts in one completions request.")
     retry_after: int = Field(1, ge=1, description="Seconds sent in Retry-After with a 503 for a full queue.")
@@ -42,13 +45,17 @@ class Settings(BaseSettings):
                                   description="Largest request line plus headers of one request (431 above).")
     max_headers: int = Field(100, ge=8, le=10_000, description="Most header fields in one request (431 above).")
     header_timeout: float = Field(10.0, gt=0, description="Seconds a client has to send a request's complete "
-                                                          "headers (from connecting or from its previous "
-                                                          "response); then the connection is closed.")
+                                                          "headers, from connecting or from the request's first "
+                                                          "byte; then the connection is closed (408 if part of a "
+                                                          "request came).")
     body_timeout: float = Field(30.0, gt=0, description="Seconds a client has to send a request's whole body "
-                                                        "once its headers are in (408 after).")
-    keep_alive_timeout: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection is kept.")
+                                                        "once its headers are in (for a pipelined request: once "
+                                                        "its turn comes); 408 after.")
+    keep_alive_timeout: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection is kept "
+                                                             "between requests (independent of --header-timeout).")
     max_connections: int = Field(0, ge=0, description="Most open client connections; beyond it the oldest idle "
-                                                      "ones are closed first. 0 = from the open-file limit.")
+                                                      "ones are closed first. 0 = the lower of 1024 and the "
+                                                      "open-file limit less 64 and 8 per worker.")
     send_timeout: float = Field(60.0, gt=0, description="Seconds a streaming client may go without taking any "
                                                         "data once its buffer is full; then the stream ends.")
     # workers

@@ -145,8 +145,17 @@ def wait_ready(proc, base: str, log: Path, timeout: float = 60.0) -> None:
     raise RuntimeError(f"server not ready in time:\n{log.read_text()}")
 
 
-def edge_registry(model_files: dict[str, Path], directory: Path) -> Path:
-    """A registry with one successor and one random model, one worker each."""
+SLOW_ENTRY = """
+  - id: slow
+    path: {slow}
+    prompt_template: plain
+    workers: 1
+"""
+
+
+def edge_registry(model_files: dict[str, Path], directory: Path, slow: bool = False) -> Path:
+    """A registry with one successor and one random model, one worker each (and the slow model if asked)."""
     path = directory / "registry.yaml"
-    path.write_text(EDGE_REGISTRY.format(**{k: str(v) for k, v in model_files.items()}))
+    text = EDGE_REGISTRY + (SLOW_ENTRY if slow else "")
+    path.write_text(text.format(**{k: str(v) for k, v in model_files.items()}))
     return path

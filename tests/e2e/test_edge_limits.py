@@ -129,3 +129,23 @@ def test_control_characters_cannot_forge_log_lines(edge):
     assert not [line for line in lines if line.startswith(fake) or "\x1b" in line or line.startswith("such")]
     # the access log writes the path as sent (percent-encoded): one line, no quote or space inside the field
     assert any('"GET /x%0A2026-01-01%2000:00:00,000%20INFO' in line and "%1b%5B31m" in line for line in lines)
+
+
+def test_endless_chunked_trailers_get_431_at_once_and_memory_stays_flat(edge):
+    # the body `{}` is complete; then a trailer field that never ends (was buffered without limit by the
+    # parser until the body timeout: 68 -> 359 MiB with 4 connections, /health blocked 10 s)
+    before = rss_kib(edge.proc.pid)
+    socks = [connect(port_of(edge)) for _ in range(4)]
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-T: ")
+    chunk = b"a" * 65536
+    for sock in socks:
+        send_in_background(sock, [head, *(chunk for _ in range(4096))])
+    answers = [read_until_closed(sock, 30) for sock in socks]
+    for raw, closed in answers:
+        assert closed and error_code(raw) == (431, "request_header_fields_too_large")  # was 408
+        assert b"trailer" in raw
+    assert rss_kib(edge.proc.pid) - before < 64 * 1024
+    assert health_seconds(edge) < 5
+    for sock in socks:
+        sock.close()

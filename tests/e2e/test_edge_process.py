@@ -84,7 +84,7 @@ def test_json_logs_are_one_object_per_line_for_every_logger(model_files, tmp_pat
     assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
     loggers = {e["logger"] for e in entries}
     assert {"uvicorn.error", "gpt4all_j_server", "gpt4all_j_server.access"} <= loggers
-    assert any("GET /x\nforged\r\x1b[2J" in e["message"] for e in entries)
+    assert any('"GET /x%0Aforged%0D%1b%5B2J"' in e["message"] for e in entries)  # as sent: percent-encoded
     assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d$", entries[0]["time"])
 
 

@@ -9,17 +9,22 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import Server, stop_server
-from tests.edge_sockets import connect, edge_registry, read_until_closed, spawn, wait_ready
+from tests.edge_sockets import connect, edge_registry, read_response, read_until_closed, spawn, wait_ready
 from tests.models import NO_EOS
 
 SEND_TIMEOUT = 2
+BODY_TIMEOUT = 1
+HEADER_TIMEOUT = 2
+KEEP_ALIVE_TIMEOUT = 6
 
 
 @pytest.fixture(scope="module")
 def srv(model_files, tmp_path_factory):
     d = tmp_path_factory.mktemp("edge-streams")
-    proc, base = spawn(edge_registry(model_files, d), d / "server.log",
-                       env={"GPT4ALL_J_SEND_TIMEOUT": str(SEND_TIMEOUT)})
+    proc, base = spawn(edge_registry(model_files, d, slow=True), d / "server.log",
+                       env={"GPT4ALL_J_SEND_TIMEOUT": str(SEND_TIMEOUT), "GPT4ALL_J_BODY_TIMEOUT": str(BODY_TIMEOUT),
+                            "GPT4ALL_J_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
+                            "GPT4ALL_J_KEEP_ALIVE_TIMEOUT": str(KEEP_ALIVE_TIMEOUT)})
     wait_ready(proc, base, d / "server.log")
     server = Server(base, proc, d / "server.log")
     yield server
@@ -99,3 +104,39 @@ def test_a_client_that_reads_nothing_is_cut_and_the_worker_is_free(srv):
     sock.close()
     assert closed and b"data: [DONE]" not in raw
     assert "took no data for 2s" in srv.logs()
+
+
+def test_a_pipelined_request_waiting_for_its_turn_does_not_cut_the_stream_before_it(srv):
+    # a stream of a few seconds (longer than the body timeout), then a request that sends its body only
+    # when told to (Expect: 100-continue), which is when its turn comes: its body timeout runs from then
+    first = stream_request({"model": "slow", "prompt": "Once", "max_tokens": 800, **NO_EOS})
+    second = json.dumps({"model": "succ", "prompt": "a", "max_tokens": 2}).encode()
+    sock = connect(port_of(srv))
+    start = time.monotonic()
+    sock.sendall(first.replace(b"Connection: close\r\n", b"") + b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Type: application/json\r\nConnection: close\r\nExpect: 100-continue\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(second))
+    raw = b""
+    while b"HTTP/1.1 100 Continue\r\n\r\n" not in raw and time.monotonic() - start < 60:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        raw += chunk
+    sock.sendall(second)
+    rest, closed = read_until_closed(sock, 60)
+    sock.close()
+    stream, _, answer = (raw + rest).partition(b"0\r\n\r\nHTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 ")
+    assert closed and sse_payloads(dechunk(stream))[-1] == "[DONE]"  # was cut after the body timeout
+    assert time.monotonic() - start > BODY_TIMEOUT  # the stream did outlast it
+    assert answer.startswith(b"200 ") and b'"text"' in answer
+
+
+def test_an_idle_keep_alive_connection_outlasts_the_header_timeout(srv):
+    one = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    with connect(port_of(srv)) as sock:
+        sock.sendall(one)
+        assert read_response(sock).startswith(b"HTTP/1.1 200")
+        time.sleep(HEADER_TIMEOUT + 1)  # within the keep-alive timeout (was closed after the header timeout)
+        sock.sendall(one)
+        assert read_response(sock).startswith(b"HTTP/1.1 200")
+        assert read_until_closed(sock, KEEP_ALIVE_TIMEOUT + 10) == (b"", True)  # closed once idle too long

@@ -16,7 +16,7 @@ from tests.edge_sockets import (connect, error_code, parse_response, read_respon
                                 send_in_background)
 
 LIMITS = EdgeLimits(max_header_bytes=4096, max_headers=20, header_timeout=1.0, body_timeout=1.0,
-                    send_timeout=1.0, max_connections=8)
+                    send_timeout=1.0, max_connections=8, max_body_bytes=16384)
 
 
 class Events:
@@ -44,6 +44,9 @@ def make_app(events: Events):
     async def app(scope, receive, send):
         if scope["path"] == "/big":
             await _big(int(scope["query_string"] or b"0"), receive, send, events)
+            return
+        if scope["path"] == "/stream":
+            await _stream(int(scope["query_string"] or b"0"), send)
             return
         body, more = b"", True
         while more:
@@ -81,15 +84,25 @@ async def _big(size: int, receive, send, events: Events) -> None:
     listener.cancel()
 
 
+async def _stream(ticks: int, send) -> None:
+    """A chunked response of `ticks` lines 0.1 s apart, then `[DONE]`."""
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    for _ in range(ticks):
+        await send({"type": "http.response.body", "body": b"tick\n", "more_body": True})
+        await asyncio.sleep(0.1)
+    await send({"type": "http.response.body", "body": b"[DONE]\n"})
+
+
 class ThreadServer:
     """uvicorn with the edge protocol on a free port, in a thread."""
 
-    def __init__(self, limits: EdgeLimits) -> None:
+    def __init__(self, limits: EdgeLimits, keep_alive: float = 5) -> None:
         self.events = Events()
         self.port = free_port()
         self.protocol = protocol_class(limits)
         config = uvicorn.Config(make_app(self.events), host="127.0.0.1", port=self.port, http=self.protocol,
-                                ws="none", lifespan="off", log_config=None, loop="asyncio", timeout_keep_alive=5)
+                                ws="none", lifespan="off", log_config=None, loop="asyncio",
+                                timeout_keep_alive=keep_alive)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -226,3 +239,75 @@ def test_a_slow_but_steady_reader_gets_everything(srv):
     assert size < got < size + 1000  # the whole body and the response head
     assert srv.events.wait_for("big:done", 5)
     sock.close()
+
+
+CHUNKED = b"POST / HTTP/1.1\r\nHost: t\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def test_a_chunked_body_with_trailers_within_the_caps_is_served(srv):
+    with connect(srv.port) as sock:
+        sock.sendall(CHUNKED + b"64\r\n" + b"b" * 100 + b"\r\n")
+        for _ in range(199):
+            sock.sendall(b"64;ext=1\r\n" + b"b" * 100 + b"\r\n")
+        for piece in (b"0\r\n", b"X-T: ", b"v" * 1000, b"\r\nX-U: w\r\n", b"\r\n"):
+            sock.sendall(piece)  # the trailers, a piece at a time
+            time.sleep(0.02)
+        raw, closed = read_until_closed(sock, 10)
+    assert closed and parse_response(raw)[0] == 200 and raw.endswith(b"ok 20000")
+
+
+def test_endless_trailer_fields_get_431_at_once(srv):
+    with connect(srv.port) as sock:
+        # the body is complete; then a trailer field that never ends (was read until the body timeout, and
+        # grown without limit by the parser)
+        send_in_background(sock, itertools.chain([CHUNKED + b"2\r\n{}\r\n0\r\nX-T: "],
+                                                 (b"a" * 8192 for _ in range(100_000))))
+        raw, closed = read_until_closed(sock, 10)
+    assert closed and error_code(raw) == (431, "request_header_fields_too_large")  # was 408 after 1 s
+    assert b"trailer" in raw
+    assert srv.events.wait_for("body:disconnect", 5)  # the app waiting for the body was told
+
+
+def test_endless_chunk_framing_gets_413(srv):
+    with connect(srv.port) as sock:
+        # a chunk extension that never ends: no body byte, but bytes on the wire all the same
+        send_in_background(sock, itertools.chain([CHUNKED + b"2\r\n{}\r\n5;ext="],
+                                                 (b"e" * 8192 for _ in range(100_000))))
+        raw, closed = read_until_closed(sock, 10)
+    assert closed and error_code(raw) == (413, "request_too_large")  # was 408 after 1 s
+    assert b"%d bytes" % LIMITS.max_body_bytes in raw
+
+
+def test_an_idle_keep_alive_connection_outlasts_the_header_timeout():
+    server = ThreadServer(EdgeLimits(4096, 20, header_timeout=1.0, body_timeout=1.0, send_timeout=1.0,
+                                     max_connections=8), keep_alive=3.0)
+    one = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
+    try:
+        with connect(server.port) as sock:
+            sock.sendall(one)
+            assert parse_response(read_response(sock))[0] == 200
+            time.sleep(2.0)  # idle: over the header timeout, within the keep-alive timeout
+            sock.sendall(one)  # was closed after the header timeout (1 s)
+            assert parse_response(read_response(sock))[0] == 200
+            assert read_until_closed(sock, 10) == (b"", True)  # and closed by the keep-alive timeout
+        with connect(server.port) as sock:
+            sock.sendall(one)
+            assert parse_response(read_response(sock))[0] == 200
+            sock.sendall(b"GET / HTTP/1.1\r\nHost")  # a next request begun: the header timeout applies
+            raw, closed = read_until_closed(sock, 10)
+            assert closed and error_code(raw) == (408, "request_timeout")
+    finally:
+        server.stop()
+
+
+def test_a_pipelined_request_waiting_for_its_turn_does_not_cut_the_stream_before_it(srv):
+    with connect(srv.port) as sock:
+        # a 2.5 s stream, then a request whose body is still coming while it waits (reading is paused):
+        # its body timeout (1 s) starts when its turn comes
+        sock.sendall(b"GET /stream?25 HTTP/1.1\r\nHost: t\r\n\r\n"
+                     b"POST / HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 10\r\n\r\n01234")
+        time.sleep(0.3)
+        sock.sendall(b"56789")
+        raw, closed = read_until_closed(sock, 20)
+    assert closed and b"[DONE]" in raw  # the stream was aborted after 1 s
+    assert raw.count(b"HTTP/1.1 200") == 2 and raw.endswith(b"ok 10")
