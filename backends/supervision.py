@@ -33,22 +33,46 @@ def describe_exit(code: int | None) -> str:
     return f"was killed by signal {number} ({name})"
 
 
-def reap(process, timeout: float = 1.0) -> int | None:
-    """Wait (briefly) for an ended process and return its exit code; no zombie is left behind.
+_UNREADABLE = object()
+
+
+def _exit_code(process):
+    """The exit code if the process has ended and been reaped now (waitpid WNOHANG: never blocks, needs
+    no file descriptor, unlike Process.join, so it works when files run out), else None."""
+    try:
+        return process.exitcode
+    except (ValueError, OSError):  # a closed Process object: its status cannot be read any more
+        return _UNREADABLE
+
+
+def reap_later(process, then, timeout: float = 5.0) -> None:
+    """Read an ended process's exit code without blocking the event loop, then call `then(code)`.
 
     A process's sentinel becomes readable as the process closes its files, a moment before the
-    kernel makes its exit status available, so reading `exitcode` at once can give None. This
-    polls waitpid (no file descriptor needed, unlike Process.join: it works when files run out).
+    kernel makes its exit status available, so reading `exitcode` at once can give None: this polls
+    waitpid from loop timers (1 ms, doubling to 50 ms) and calls `then` at once when the status is
+    there already. `code` is None only if the status could not be read within `timeout`.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            code = process.exitcode
-        except (ValueError, OSError):
-            return None
-        if code is not None or time.monotonic() >= deadline:
-            return code
-        time.sleep(0.001)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+
+    def poll(delay: float) -> None:
+        code = _exit_code(process)
+        if code is _UNREADABLE:
+            then(None)
+        elif code is not None or loop.time() >= deadline:
+            then(code)
+        else:
+            loop.call_later(delay, poll, min(delay * 2, 0.05))
+
+    poll(0.001)
+
+
+async def reaped(process, timeout: float = 5.0) -> int | None:
+    """Await an ended (or killed) process's exit code without blocking the loop; no zombie is left."""
+    done: asyncio.Future = asyncio.get_running_loop().create_future()
+    reap_later(process, lambda code: done.done() or done.set_result(code), timeout)
+    return await done
 
 
 def spawn_retry_delay(failures: int) -> float:
@@ -117,20 +141,27 @@ class WorkerSupervisor:
             loop.add_reader(parent.fileno(), self._readable, worker)
             loop.add_reader(proc.sentinel, self._exited, worker)
         except BaseException:
+            self._unwatch(worker)
             kill(worker)
-            reap(proc)
+            reap_later(proc, lambda _code: None)
             self._forget(worker)
             raise
         return worker
 
-    def _kill_all(self) -> None:
+    async def _kill_all(self) -> None:
         """Kill every worker now (no grace) and reap them: a failed or cancelled start."""
         self._closing = True
-        for w in self.workers:
+        if self._watch is not None:
+            self._watch.cancel()
+        workers = list(self.workers)
+        for w in workers:
+            self._unwatch(w)  # their exits are accounted for here
+            w.alive = False
             kill(w)
-        for w in self.workers:
-            reap(w.process)
+        await asyncio.gather(*(reaped(w.process) for w in workers))
+        for w in workers:
             self._forget(w)
+            _resolve(w.ready, "the worker was killed")
 
     def _forget(self, worker: WorkerProc) -> None:
         """Stop watching a worker and close its pipe and timers."""
@@ -183,10 +214,15 @@ class WorkerSupervisor:
             _resolve(worker.ready, payload)
 
     def _exited(self, worker: WorkerProc) -> None:
-        """A worker process ended: fail its job, then replace it (with backoff) unless closing."""
+        """A worker process ended (its sentinel is readable): read its exit status without blocking the
+        loop, then account for it (_after_exit)."""
         worker.alive = False  # first, so that draining its last messages cannot hand it a new job
         self._readable(worker)  # e.g. why it could not load, sent just before it exited
-        how = describe_exit(reap(worker.process))
+        self._unwatch(worker)  # the sentinel stays readable: watch it no more
+        reap_later(worker.process, lambda code: self._after_exit(worker, describe_exit(code)))
+
+    def _after_exit(self, worker: WorkerProc, how: str) -> None:
+        """Fail a dead worker's job, then replace it (with backoff) unless closing."""
         self._forget(worker)
         _resolve(worker.ready, f"the worker {how} while loading the model")
         if worker.job is not None:

@@ -122,4 +122,4 @@ def _log_startup(registry: Registry, pool: WorkerPool) -> None:
     for name, reason in registry.skipped.items():
         log.warning("not serving %s: %s", name, reason)
     for name, reason in pool.failed.items():
-        log.error("not serving %s: failed to load: %s", name, reason)
+        log.warning("not serving %s yet: it failed to load and is being retried (%s)", name, reason)

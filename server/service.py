@@ -54,7 +54,7 @@ class InferenceService:
                 return model
             # the reason (which can name server files) is in the log and in /ready's details, not here
             raise model_unavailable(model.spec.id, "registered but its workers could not load it (the server "
-                                                   "log and /ready say why)", self.settings.retry_after)
+                                                   "log and /ready say why)", self._retry_in(model.spec.id))
         found = self.registry.unserved(name)
         if found is None:
             raise model_not_found(name)
@@ -64,6 +64,11 @@ class InferenceService:
         if model_id in self.registry.not_downloaded:
             raise model_not_downloaded(model_id, reason)
         raise model_unavailable(model_id, reason, self.settings.retry_after)
+
+    def _retry_in(self, model_id: str) -> int:
+        """Seconds until the pool tries to start a model that failed to load again."""
+        retry_in = getattr(self.pool, "retry_in", None)
+        return (retry_in(model_id) if retry_in else None) or self.settings.retry_after
 
     def list_models(self) -> dict:
         """GET /v1/models."""

@@ -7,13 +7,16 @@ import os
 import resource
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.e2e.conftest import start_server, stop_server
+from tests.e2e.conftest import ROOT, Server, free_port, start_server, stop_server
 from tests.e2e.test_faults import wait_ready, worker_pid
 from tests.models import NO_EOS
 from tests.schemas import validate
@@ -126,3 +129,59 @@ def test_why_a_replacement_failed_is_logged_and_retry_after_is_the_cooldown_left
     assert "was killed by signal 9 (SIGKILL)" in logs
     assert "truncated" in logs.split("could not load the model", 1)[1].splitlines()[0]
     assert "code None" not in logs
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"spawn_main" in cmdline and b"resource_tracker" not in cmdline
+
+
+def test_a_model_whose_first_load_times_out_is_retried_and_then_serves(model_files, tmp_path):
+    """On a busy machine the first load can exceed --load-timeout (here: the worker is stopped while
+    loading): the model is not given up on; the start is retried and the model serves."""
+    model = tmp_path / "slow.bin"
+    shutil.copy(model_files["slow"], model)
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(f"models:\n  - {{id: slow, path: {model}, prompt_template: plain, workers: 1}}\n")
+    port, log = free_port(), tmp_path / "server.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GPT4ALL_J_DEFAULT_THREADS": "1", "GPT4ALL_J_LOAD_TIMEOUT": "3"}
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--registry", str(registry), "--port",
+                                 str(port), "--host", "127.0.0.1"], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    srv = Server(f"http://127.0.0.1:{port}", proc, log)
+    try:
+        stuck = None
+        deadline = time.monotonic() + 60
+        while stuck is None:
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+            stuck = next((c for c in _children(proc.pid) if _is_worker(c)), None)
+            time.sleep(0.001)
+        os.kill(stuck, signal.SIGSTOP)  # just spawned: it cannot have loaded the model yet
+        assert _wait_for(lambda: _ready(srv), timeout=90), log.read_text()
+        assert stuck not in httpx.get(srv.base + "/ready").json()["models"]["slow"]["worker_pids"]
+        r = httpx.post(srv.url + "/completions", json={"model": "slow", "prompt": "x", "max_tokens": 3}, timeout=30)
+        assert r.status_code == 200
+        logs = srv.logs()
+        assert "did not load the model within 3s (load_timeout); retrying in 0.5s" in logs
+        assert "model slow is serving after 1 failed attempt" in logs
+    finally:
+        stop_server(srv)
+
+
+def _ready(srv) -> bool:
+    try:
+        return httpx.get(srv.base + "/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

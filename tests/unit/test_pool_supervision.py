@@ -203,3 +203,53 @@ def test_a_failed_restart_is_shown_as_the_pools_problem_and_retried(slow_model):
             await pool.stop(grace=1)
 
     asyncio.run(main())
+
+
+class _GatedProcess:
+    """A process whose exit status becomes readable only once the event loop has run other callbacks
+    (as after a real exit: the sentinel is readable a moment before waitpid has the status)."""
+
+    def __init__(self, gate: asyncio.Event) -> None:
+        self.gate = gate
+        self.pid = 4242
+        self.sentinel = -1
+
+    @property
+    def exitcode(self):
+        return -9 if self.gate.is_set() else None
+
+    def kill(self) -> None:
+        pass
+
+
+class _DeadConn:
+    def poll(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return -1
+
+    def close(self) -> None:
+        pass
+
+
+def test_reading_a_workers_exit_status_does_not_block_the_event_loop():
+    """The exit status is read without sleeping on the loop: other callbacks run meanwhile (here, the one
+    that makes the status readable), and the job's error says how the worker ended, never 'None'."""
+    from backends.jobs import JobHandle, WorkerProc
+
+    async def main() -> Failed:
+        pool = ModelPool(PoolModel(name="m", path="/nonexistent", pieces=(b"a",)), PoolPolicy(), load_timeout=60)
+        gate = asyncio.Event()
+        worker = WorkerProc(index=0, process=_GatedProcess(gate), conn=_DeadConn(), pid=4242)
+        sink = asyncio.Queue()
+        worker.job = JobHandle(GenerationJob(1, [1], 4, SamplingParams()), pool, sink)
+        pool.workers.append(worker)
+        asyncio.get_running_loop().call_soon(gate.set)
+        pool._exited(worker)  # the sentinel callback
+        _, event = await asyncio.wait_for(sink.get(), 10)
+        return event
+
+    event = asyncio.run(main())
+    assert isinstance(event, Failed), event
+    assert "was killed by signal 9 (SIGKILL)" in event.message, event.message
