@@ -1,4 +1,4 @@
-"""Server-side records of jobs and worker processes, and the pool's exceptions."""
+"""Server-side records of jobs and worker processes (the exceptions and JobGroup are in backends.engine_api)."""
 
 from __future__ import annotations
 
@@ -6,19 +6,8 @@ import asyncio
 import time
 from dataclasses import dataclass, field, replace
 
+from backends.engine_api import JobGroup, ModelUnavailable, QueueFull
 from backends.types import Event, Failed, Finished, FinishReason, GenerationJob, ModelLimits, Started
-
-
-class QueueFull(Exception):
-    """The model's wait queue is full; the client should retry later."""
-
-
-class ModelUnavailable(Exception):
-    """The model has no live workers (crash loop, or shutting down)."""
-
-    def __init__(self, message: str, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after  # seconds until it is worth retrying; None = unknown
 
 
 @dataclass(frozen=True)
@@ -45,14 +34,6 @@ class PoolPolicy:
     restart_window: float = 60.0
     restart_cooldown: float = 30.0
     stall_timeout: float = 60.0  # a busy worker without progress this long is killed and replaced
-
-
-@dataclass
-class JobGroup:
-    """The jobs of one request: the queue timeout ends and the time limit starts at its first dispatch."""
-
-    started: bool = False  # a job of the request has reached a worker: the others no longer expire
-    deadline: float | None = None  # monotonic end of the request's time limit, shared by its jobs
 
 
 def out_of_time(group: JobGroup | None) -> bool:

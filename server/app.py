@@ -9,7 +9,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from backends.pool import PoolModel, PoolPolicy, WorkerPool
+from backends.engine_api import FAILED, Engines
+from backends.jobs import PoolModel, PoolPolicy
+from backends.worker_pool import WorkerPool  # the one place that picks the engine
 from backends.registry import Registry, locate_registry, resolve
 from server.docs import install_docs
 from server.errors import install_error_handlers
@@ -87,7 +89,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     return app
 
 
-async def _start_unless_stopped(pool: WorkerPool, lifecycle: Lifecycle) -> bool:
+async def _start_unless_stopped(pool: Engines, lifecycle: Lifecycle) -> bool:
     """Load the models, unless SIGTERM/SIGINT arrives first: then stop loading at once (False)."""
     start = asyncio.ensure_future(pool.start())
     stop = asyncio.ensure_future(lifecycle.stopping.wait())
@@ -115,11 +117,14 @@ def _add_middleware(app: FastAPI, settings: Settings, metrics: Metrics, keys: li
                            allow_headers=["*"], expose_headers=["X-Request-ID"])
 
 
-def _log_startup(registry: Registry, pool: WorkerPool) -> None:
+def _log_startup(registry: Registry, pool: Engines) -> None:
     """Say plainly what is served and what was skipped and why."""
-    for name, p in pool.models.items():
-        log.info("serving %s with %d worker(s)", name, p.alive)
+    statuses = pool.status()
+    for name, s in statuses.items():
+        if s.started:
+            log.info("serving %s with %d worker(s)", name, s.alive)
     for name, reason in registry.skipped.items():
         log.warning("not serving %s: %s", name, reason)
-    for name, reason in pool.failed.items():
-        log.warning("not serving %s yet: it failed to load and is being retried (%s)", name, reason)
+    for name, s in statuses.items():
+        if s.state == FAILED:
+            log.warning("not serving %s yet: it failed to load and is being retried (%s)", name, s.problem)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from backends.engine_api import Engines
+
 PREFIX = "gpt4all_j_"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -34,13 +36,14 @@ class Metrics:
         self.rejected = Counter(PREFIX + "rejected_requests_total", "Requests refused, by reason.",
                                 ["reason"], registry=r)
 
-    def watch_pool(self, pool) -> None:
-        """Expose the pool's live state (queue depth, busy/alive workers, restarts) at scrape time."""
+    def watch_pool(self, pool: Engines) -> None:
+        """Expose the engines' live state (queue depth, busy/alive workers, restarts) at scrape time, from
+        their status snapshot (models that have not started are left out)."""
         self.registry.register(_PoolCollector(pool))
 
 
 class _PoolCollector:
-    def __init__(self, pool) -> None:
+    def __init__(self, pool: Engines) -> None:
         self.pool = pool
 
     def describe(self):
@@ -53,10 +56,12 @@ class _PoolCollector:
         up = GaugeMetricFamily(PREFIX + "model_available", "1 if the model takes requests.", labels=["model"])
         restarts = CounterMetricFamily(PREFIX + "worker_restarts", "Workers replaced after a crash.",
                                        labels=["model"])
-        for name, p in self.pool.models.items():
-            depth.add_metric([name], len(p.pending))
-            busy.add_metric([name], p.busy)
-            alive.add_metric([name], p.alive)
-            up.add_metric([name], 1 if p.available else 0)
-            restarts.add_metric([name], p.restarts)
+        for name, s in self.pool.status().items():
+            if not s.started:
+                continue
+            depth.add_metric([name], s.queued)
+            busy.add_metric([name], s.running)
+            alive.add_metric([name], s.alive)
+            up.add_metric([name], 1 if s.available else 0)
+            restarts.add_metric([name], s.restarts)
         yield from (depth, busy, alive, up, restarts)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from backends.pool import JobGroup, JobHandle, ModelPool, ModelUnavailable, QueueFull
+from backends.engine_api import Engine, JobGroup, JobTicket, ModelUnavailable, QueueFull
 from backends.types import ErrorKind, Failed, Finished, GenerationJob, Started
 from server.errors import APIError
 from server.params import Plan
@@ -35,13 +35,13 @@ class Run:
     worker, and the time limit is one deadline for all of them, counted from then.
     """
 
-    def __init__(self, pool: ModelPool, plan: Plan, retry_after: int, time_limit: float | None = None) -> None:
+    def __init__(self, pool: Engine, plan: Plan, retry_after: int, time_limit: float | None = None) -> None:
         self.pool = pool
         self.plan = plan
         self.retry_after = retry_after
         self.time_limit = time_limit
         self.sink: asyncio.Queue = asyncio.Queue()
-        self.handles: list[JobHandle] = []
+        self.handles: list[JobTicket] = []
         self.group = JobGroup()
         self.started: dict[int, Started] = {}
         self._early: list[tuple[int, object]] = []  # events seen by wait_first, replayed by events
@@ -51,10 +51,10 @@ class Run:
         """Queue every job, or none: a full queue rejects the whole request with 503."""
         plan = self.plan
         jobs = len(plan.prompts) * plan.n
-        capacity = self.pool.spec.workers + self.pool.spec.max_queue
+        capacity = self.pool.status().capacity  # the engine's slots and its queue
         if jobs > capacity:  # could never fit, so retrying would not help: a 400, not a 503
             raise APIError(400, f"This request needs {jobs} generations (prompts x n), but model "
-                                f"{self.pool.spec.name} can take at most {capacity} at once.",
+                                f"{self.pool.name} can take at most {capacity} at once.",
                            param="n", code="too_many_generations")
         try:
             for p, prompt in enumerate(plan.prompts):
@@ -63,7 +63,7 @@ class Run:
                     job = GenerationJob(
                         job_id=self.pool.new_job_id(), prompt=prompt, max_tokens=plan.max_tokens,
                         sampling=plan.seed_for(index), logprobs=plan.logprobs,
-                        time_limit=self.time_limit, reuse_prefix=self.pool.spec.prefix_cache,
+                        time_limit=self.time_limit, reuse_prefix=self.pool.prefix_cache,
                     )
                     self.handles.append(self.pool.submit(job, self.sink, index, self.group))
                     self._open.add(index)

@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-from backends.pool import WorkerPool
+from backends.engine_api import Engines
 from backends.registry import Registry, ServedModel
 from backends.types import Failed, Finished, FinishReason, Started, Tokens
 from server.errors import APIError, internal_error, model_not_downloaded, model_not_found, model_unavailable
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 class InferenceService:
     """What the routes call: one method per endpoint."""
 
-    def __init__(self, registry: Registry, pool: WorkerPool, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, registry: Registry, pool: Engines, settings: Settings, metrics: Metrics) -> None:
         self.registry = registry
         self.pool = pool
         self.settings = settings
@@ -40,8 +40,9 @@ class InferenceService:
     # ---- models ----
     def served(self) -> list[ServedModel]:
         """Models whose workers are loaded and that are not in a crash cooldown."""
+        statuses = self.pool.status()
         return [m for m in self.registry.served
-                if (p := self.pool.get(m.spec.id)) is not None and p.available]
+                if (s := statuses.get(m.spec.id)) is not None and s.started and s.available]
 
     def resolve(self, name: str, record: RequestRecord | None = None) -> ServedModel:
         """A served model by id or alias; else 404 (unknown, or registered but not downloaded) or 503

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from backends.engine_api import LOADING, READY, RESTARTING, UNAVAILABLE, Engines
 from server.security import sees_details
 
 router = APIRouter()
@@ -38,35 +39,32 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if not missing else 503)
 
 
-def model_states(registry, pool) -> tuple[dict[str, dict], dict[str, str]]:
-    """Every registry entry's state and details, and the served models that are not ready (with why)."""
-    failed = pool.failed if pool is not None else {}
+def model_states(registry, pool: Engines | None) -> tuple[dict[str, dict], dict[str, str]]:
+    """Every registry entry's state and details, and the served models that are not ready (with why),
+    from the engines' status snapshot (every served model is `loading` until the engines exist)."""
+    statuses = pool.status() if pool is not None else {}
     models: dict[str, dict] = {}
     missing: dict[str, str] = {}
     for m in registry.served:
         name = m.spec.id
-        p = pool.get(name) if pool is not None else None
-        if p is None:
-            state, problem = ("failed", failed[name]) if name in failed else ("loading", "not loaded yet")
-            missing[name] = problem
-            models[name] = _idle_entry(state, m.spec.workers, problem)
+        s = statuses.get(name)
+        if s is None:
+            missing[name] = "not loaded yet"
+            models[name] = _idle_entry(LOADING, m.spec.workers, "not loaded yet")
             continue
-        problem = getattr(p, "problem", None)
-        if not p.available:
-            state = "unavailable"
-            missing[name] = problem or "unavailable after repeated worker crashes"
-        elif p.alive == 0:
-            state = "restarting"
-            missing[name] = problem or "no live workers"
-        else:
-            state = "ready"
-        models[name] = {"state": state, "available": p.available, "workers": p.spec.workers, "alive": p.alive,
-                        "busy": p.busy, "queued": len(p.pending), "restarts": p.restarts,
-                        "worker_pids": [w.process.pid for w in p.workers if w.alive], "problem": problem}
+        if s.state != READY:
+            missing[name] = s.problem or _WHY.get(s.state, s.state)
+        models[name] = {"state": s.state, "available": s.available, "workers": s.processes, "alive": s.alive,
+                        "busy": s.running, "queued": s.queued, "restarts": s.restarts,
+                        "worker_pids": list(s.pids), "problem": s.problem}
     for name, reason in registry.skipped.items():
         models[name] = _idle_entry("not_downloaded" if name in registry.not_downloaded else "skipped",
                                     _workers(registry, name), reason)
     return models, missing
+
+
+_WHY = {UNAVAILABLE: "unavailable after repeated worker crashes", RESTARTING: "no live workers",
+        LOADING: "not loaded yet"}
 
 
 def _idle_entry(state: str, workers: int, problem: str | None) -> dict:

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from backends.ggml.reader import read_vocab
-from backends.pool import ModelPool, PoolModel, WorkerPool
+from backends.pool import ModelPool, PoolModel
+from backends.worker_pool import WorkerPool
 from backends.types import Finished, GenerationJob, SamplingParams
 from tests.models import write_random
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from backends.jobs import JobGroup, out_of_time, with_time_left
-from backends.pool import ModelPool, PoolModel, PoolPolicy, WorkerPool
+from backends.pool import ModelPool, PoolModel, PoolPolicy
+from backends.worker_pool import WorkerPool
 from backends.supervision import crash_delay, describe_exit, spawn_retry_delay
 from backends.types import Failed, Finished, GenerationJob, SamplingParams, Tokens
 from tests.models import RANDOM_EOS_ID, write_random
