@@ -1,0 +1,233 @@
+"""BatchedEngine: one copy of GPT-J weights decoding many sequences (slots) in one ggml graph per step."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import graph as graphs
+from . import lib
+from .lib import ggml
+from .kvcache import kv_bytes, new_cache
+from .weights import load_weights
+
+log = logging.getLogger(__name__)
+
+KV_PAD = 32  # attended cache length is rounded up to this, so graphs are reused across steps
+PREFILL_CHUNK = 32  # prompt tokens per graph evaluation
+
+
+@dataclass
+class EngineConfig:
+    """How to load and run a model."""
+
+    n_slots: int = 8
+    n_ctx: int | None = None  # cached positions per slot; None = the model's context
+    threads: int = 2
+    kv_type: str = "f16"
+    repack: bool = True
+    max_graphs: int = 16  # graphs kept built (LRU)
+    check_memory: bool = True  # refuse to load when weights + KV cache exceed MemAvailable
+
+
+class BatchedEngine:
+    """A GPT-J model with a KV cache of n_slots sequences; not thread-safe."""
+
+    def __init__(self, path: str, config: EngineConfig | None = None) -> None:
+        self.config = cfg = config or EngineConfig()
+        if cfg.check_memory:
+            check_fits(path, cfg)
+        self.weights = load_weights(path, repack=cfg.repack)
+        info = self.weights.info
+        self.n_vocab, self.n_embd, self.n_head = info.n_vocab, info.n_embd, info.n_head
+        self.eos_token_id = info.eos_token_id
+        n_ctx = info.n_ctx if cfg.n_ctx is None else min(int(cfg.n_ctx), info.n_ctx)
+        try:
+            self.cache = new_cache(cfg.n_slots, n_ctx, info.n_layer, info.n_head, info.n_embd // info.n_head,
+                                   cfg.kv_type)
+        except BaseException:
+            self.weights.free()
+            raise
+        self.backend = lib.cpu_backend(cfg.threads)
+        self._graphs: OrderedDict[graphs.Shape, graphs.StepGraph] = OrderedDict()
+        log.info("%s; KV cache %d slots x %d positions (%s) = %.1f MiB", self.weights.report.describe(),
+                 cfg.n_slots, n_ctx, cfg.kv_type, self.cache.nbytes / 2**20)
+
+    @property
+    def n_slots(self) -> int:
+        """Sequences the cache holds."""
+        return self.cache.n_slots
+
+    @property
+    def n_ctx(self) -> int:
+        """Positions per slot."""
+        return self.cache.n_ctx
+
+    def length(self, slot: int) -> int:
+        """Tokens cached in a slot."""
+        return self.cache.lengths[self._check_slot(slot)]
+
+    def reset(self, slot: int, keep: int = 0) -> None:
+        """Forget a slot's cache past its first `keep` tokens (0: free the slot for a new sequence)."""
+        self._check_slot(slot)
+        if not 0 <= keep <= self.cache.lengths[slot]:
+            raise ValueError(f"slot {slot} holds {self.cache.lengths[slot]} tokens, cannot keep {keep}")
+        self.cache.lengths[slot] = keep
+
+    def prefill(self, slot: int, tokens: list[int], start: int = 0, chunk: int = PREFILL_CHUNK) -> np.ndarray:
+        """Evaluate tokens from position `start` of a slot in chunks; the last token's logits."""
+        if not tokens:
+            raise ValueError("prefill needs at least one token")
+        self._check_tokens(tokens)
+        if start + len(tokens) > self.cache.n_ctx:
+            raise OverflowError(f"slot {slot}: {start} + {len(tokens)} tokens exceed the context of {self.n_ctx}")
+        self.reset(slot, start)
+        out = None
+        for i in range(0, len(tokens), max(1, chunk)):
+            out = self.step([], (slot, tokens[i:i + chunk]))[1]
+        return out
+
+    def decode(self, batch: list[tuple[int, int]]) -> np.ndarray:
+        """Append one token to each listed slot (each at its own position); logits [len(batch), n_vocab]."""
+        if not batch:
+            raise ValueError("decode needs at least one (slot, token)")
+        return self.step(batch)[0]
+
+    def step(self, decodes: list[tuple[int, int]], chunk: tuple[int, list[int]] | None = None
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+        """One graph: decode tokens plus an optional prompt chunk; (decode logits, chunk's last logits)."""
+        slots = [self._check_slot(s) for s, _ in decodes]
+        tokens = [int(t) for _, t in decodes]
+        wants = [(s, 1) for s in slots]
+        if chunk is not None:
+            cslot, ctoks = self._check_slot(chunk[0]), [int(t) for t in chunk[1]]
+            if not ctoks:
+                raise ValueError("a prompt chunk needs at least one token")
+            slots += [cslot] * len(ctoks)
+            tokens += ctoks
+            wants.append((cslot, len(ctoks)))
+        if not tokens:
+            raise ValueError("nothing to evaluate")
+        self._check_tokens(tokens)
+        if len({s for s, _ in wants}) != len(wants):
+            raise ValueError(f"a slot appears twice in one step: {[s for s, _ in wants]}")
+        self._check_room(wants)
+        positions, seen = [], {}
+        for s in slots:
+            seen[s] = seen.get(s, -1) + 1
+            positions.append(self.cache.lengths[s] + seen[s])
+        n_dec = len(decodes)
+        out_rows = list(range(n_dec)) + ([len(tokens) - 1] if chunk is not None else [])
+        logits = self._forward(slots, positions, tokens, out_rows)
+        for s, n in wants:
+            self.cache.lengths[s] += n
+        return logits[:n_dec], (logits[n_dec] if chunk is not None else None)
+
+    def close(self) -> None:
+        """Free graphs, cache, weights and backend."""
+        for g in self._graphs.values():
+            g.free()
+        self._graphs.clear()
+        if getattr(self, "backend", None):
+            ggml.ggml_backend_free(self.backend)
+            self.backend = None
+        if getattr(self, "cache", None) is not None:
+            self.cache.free()
+        if getattr(self, "weights", None) is not None:
+            self.weights.free()
+
+    def __enter__(self) -> BatchedEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # internals
+
+    def _check_slot(self, slot: int) -> int:
+        if not 0 <= slot < self.cache.n_slots:
+            raise IndexError(f"slot {slot} out of range [0, {self.cache.n_slots})")
+        return slot
+
+    def _check_tokens(self, tokens: list[int]) -> None:
+        bad = [t for t in tokens if not 0 <= int(t) < self.n_vocab]
+        if bad:
+            raise ValueError(f"token ids out of range [0, {self.n_vocab}): {bad[:5]}")
+
+    def _check_room(self, wants: list[tuple[int, int]]) -> None:
+        for slot, n in wants:
+            if self.cache.lengths[slot] + n > self.cache.n_ctx:
+                raise OverflowError(f"slot {slot}: {self.cache.lengths[slot]} + {n} tokens exceed the "
+                                    f"context of {self.cache.n_ctx}")
+
+    def _graph(self, shape: graphs.Shape) -> graphs.StepGraph:
+        g = self._graphs.get(shape)
+        if g is not None:
+            self._graphs.move_to_end(shape)
+            return g
+        g = graphs.build(self.weights, self.cache, shape)
+        self._graphs[shape] = g
+        while len(self._graphs) > max(1, self.config.max_graphs):
+            self._graphs.popitem(last=False)[1].free()
+        return g
+
+    def _forward(self, slots: list[int], positions: list[int], tokens: list[int], out: list[int]) -> np.ndarray:
+        """Run one graph over tokens at (slot, position); return logits of the `out` rows."""
+        c = self.cache
+        n_kv = min(c.n_ctx, -(-(max(positions) + 1) // KV_PAD) * KV_PAD)
+        g = self._graph(graphs.Shape(len(tokens), n_kv, len(out)))
+        s = np.asarray(slots, dtype=np.int64)
+        p = np.asarray(positions, dtype=np.int64)
+        heads = np.arange(c.n_head, dtype=np.int64)
+        expert = s[:, None] * c.n_head + heads[None, :]  # [T, n_head]
+        dims = np.arange(self.n_embd, dtype=np.int64)
+        g.set_input("tokens", np.asarray(tokens, dtype=np.int32))
+        g.set_input("pos", p.astype(np.int32))
+        g.set_input("k_rows", (expert * c.n_ctx + p[:, None]).reshape(-1))
+        g.set_input("v_rows", ((s[:, None] * self.n_embd + dims[None, :]) * c.n_ctx + p[:, None]).reshape(-1))
+        g.set_input("ids", expert.astype(np.int32))
+        mask = np.where(np.arange(n_kv)[None, :] <= p[:, None], 0.0, -np.inf).astype(np.float32)
+        g.set_input("mask", mask)
+        g.set_input("out_rows", np.asarray(out, dtype=np.int32))
+        status = ggml.ggml_backend_graph_compute(self.backend, g.graph)
+        if status != 0:
+            raise RuntimeError(f"ggml graph compute failed (status {status})")
+        return g.read_logits(self.n_vocab)
+
+
+def memory_needed(path: str, config: EngineConfig) -> dict[str, int]:
+    """Weights and KV cache bytes a configuration needs (before loading)."""
+    from backends.ggml.reader import scan_model
+
+    info, records, _ = scan_model(path)
+    n_ctx = info.n_ctx if config.n_ctx is None else min(int(config.n_ctx), info.n_ctx)
+    return {"weights": sum(t.nbytes for t in records),
+            "kv_cache": kv_bytes(config.n_slots, n_ctx, info.n_layer, info.n_embd, config.kv_type)}
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where unknown)."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits(path: str, config: EngineConfig, headroom: float = 0.1) -> dict[str, int]:
+    """Raise MemoryError, saying what to lower, if weights + KV cache (+ headroom) exceed free RAM."""
+    need = memory_needed(path, config)
+    avail = available_memory()
+    total = int((need["weights"] + need["kv_cache"]) * (1 + headroom))
+    if avail is not None and total > avail:
+        mib = 2**20
+        raise MemoryError(
+            f"{path}: needs ~{total / mib:,.0f} MiB (weights {need['weights'] / mib:,.0f} MiB + KV cache "
+            f"{need['kv_cache'] / mib:,.0f} MiB for {config.n_slots} slots, {config.kv_type}, +{headroom:.0%}) "
+            f"but only {avail / mib:,.0f} MiB is available: lower the number of slots or the context per slot")
+    return need
