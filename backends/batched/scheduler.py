@@ -1,0 +1,286 @@
+"""Continuous-batching scheduler: which sequences the batched core runs each step (pure logic, no ggml).
+
+A `Scheduler` owns n_slots KV-cache slots and a FIFO of waiting sequences. Each step:
+`plan = sched.plan_step()` admits waiting sequences into free slots (a free slot is used at once) and
+returns the slot resets, the decode rows of every running sequence and at most one prompt chunk;
+the caller runs it on the core (`run_plan(core, plan)`, i.e. BatchedEngine.reset + step) and hands the
+result to `sched.apply(result)`, which picks each row's next token with `choose(row_logits, seq)`,
+emits Started/Tokens/Finished/Failed and retires finished sequences, freeing their slots for the next
+step. Events follow backends.engine.Engine (ctransformers): Started after the prompt is evaluated (cached_tokens =
+prefix reused from the slot's previous sequence), EOS is not emitted nor counted, a job cancelled
+before it started gets only Finished(CANCELLED, 0), prompt + max_tokens must fit the context.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from backends.types import (
+    ErrorKind,
+    Failed,
+    Finished,
+    FinishReason,
+    GenerationJob,
+    Started,
+    TokenLogprob,
+    Tokens,
+)
+
+WAITING, PREFILL, RUNNING, DONE = "waiting", "prefill", "running", "done"
+NON_FINITE = "the model produced non-finite logits (corrupt weights?)"
+
+
+@dataclass(eq=False)
+class Seq:
+    """One generation as the scheduler tracks it."""
+
+    job: GenerationJob
+    prompt: list[int]
+    budget: int  # tokens it may generate
+    state: str = WAITING
+    slot: int | None = None
+    cached: int = 0  # prompt tokens reused from the slot's cache
+    generated: list[int] = field(default_factory=list)
+    counts: dict[int, int] = field(default_factory=dict)  # generated token -> times (OpenAI penalties)
+    deadline: float | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        """Prompt followed by the tokens generated so far (the sampler's context)."""
+        return self.prompt + self.generated
+
+
+@dataclass(eq=False)
+class Slot:
+    """One KV-cache slot: the tokens it holds, its sequence, when it was last used."""
+
+    index: int
+    tokens: list[int] = field(default_factory=list)
+    seq: Seq | None = None
+    last_used: int = -1
+
+
+@dataclass
+class Plan:
+    """One step for the core: resets (slot, keep) first, then decodes (slot, token) and one prompt chunk."""
+
+    resets: list[tuple[int, int]]
+    decodes: list[tuple[int, int]]
+    chunk: tuple[int, list[int]] | None
+    rows: list[Seq]  # the sequence of each decode row
+    chunk_seq: Seq | None
+
+
+def run_plan(core, plan: Plan):
+    """Run a plan on a core with reset(slot, keep) and step(decodes, chunk) (BatchedEngine)."""
+    for slot, keep in plan.resets:
+        core.reset(slot, keep)
+    return core.step(plan.decodes, plan.chunk)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+Choose = Callable[[np.ndarray, Seq], "int | tuple[int, TokenLogprob | None]"]
+
+
+class Scheduler:
+    """Admits, steps and retires sequences over n_slots slots of a batched core; not thread-safe."""
+
+    def __init__(self, n_slots: int, n_ctx: int, eos_token_id: int, choose: Choose, emit: Callable[[object], None],
+                 chunk: int = 32, pieces: Sequence[bytes] = (), n_vocab: int | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if n_slots < 1 or chunk < 1:
+            raise ValueError("need at least one slot and a chunk of at least one token")
+        self.n_ctx, self.eos, self.chunk, self.n_vocab = n_ctx, eos_token_id, chunk, n_vocab
+        self.choose, self.emit, self.pieces, self.clock = choose, emit, pieces, clock
+        self.slots = [Slot(i) for i in range(n_slots)]
+        self.waiting: deque[Seq] = deque()
+        self.prefilling: deque[Seq] = deque()  # admitted, prompt not fully evaluated (FIFO)
+        self.sequences: dict[int, Seq] = {}  # live (waiting, prefilling or running) by job id
+        self._pending: Plan | None = None
+        self._tick = 0
+
+    @property
+    def running(self) -> int:
+        """Sequences holding a slot (prefilling or decoding)."""
+        return sum(s.seq is not None for s in self.slots)
+
+    @property
+    def queued(self) -> int:
+        """Sequences waiting for a slot."""
+        return len(self.waiting)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to run and nothing waiting."""
+        return not self.sequences
+
+    def submit(self, job: GenerationJob, prompt: list[int] | None = None) -> bool:
+        """Queue a job (token ids from `prompt`, else job.prompt); emits Failed and returns False if it cannot fit."""
+        if isinstance(job.prompt, str) and prompt is None:
+            raise TypeError("a text prompt needs its token ids")
+        tokens = list(job.prompt) if prompt is None else list(prompt)
+        if job.job_id in self.sequences:
+            raise ValueError(f"job {job.job_id} is already scheduled")
+        try:
+            budget = self._budget(job, tokens)
+        except OverflowError as exc:
+            self.emit(Failed(job.job_id, ErrorKind.CONTEXT_LENGTH, str(exc)))
+            return False
+        except ValueError as exc:
+            self.emit(Failed(job.job_id, ErrorKind.INVALID_REQUEST, str(exc)))
+            return False
+        seq = Seq(job, tokens, budget)
+        self.sequences[job.job_id] = seq
+        self.waiting.append(seq)
+        return True
+
+    def cancel(self, job_id: int) -> bool:
+        """Stop a job now: it emits Finished(CANCELLED) and its slot is free for the next step."""
+        seq = self.sequences.get(job_id)
+        if seq is None:
+            return False
+        self._retire(seq, Finished(job_id, FinishReason.CANCELLED, len(seq.generated)))
+        return True
+
+    def fail_all(self, kind: ErrorKind, message: str) -> None:
+        """End every live sequence with Failed (the core broke); slot caches are forgotten."""
+        for seq in list(self.sequences.values()):
+            self._retire(seq, Failed(seq.job.job_id, kind, message))
+        for slot in self.slots:
+            slot.tokens.clear()
+        self._pending = None
+
+    def plan_step(self) -> Plan | None:
+        """Admit waiting sequences into free slots; what the core runs this step (None: nothing to run)."""
+        if self._pending is not None:
+            raise RuntimeError("apply() the previous plan first")
+        resets = []
+        while self.waiting:
+            free = [s for s in self.slots if s.seq is None]
+            if not free:
+                break
+            seq = self.waiting.popleft()
+            keep_of = {s.index: self._keep(seq, s) for s in free}
+            slot = max(free, key=lambda s: (keep_of[s.index], -s.last_used))
+            seq.state, seq.slot, seq.cached = PREFILL, slot.index, keep_of[slot.index]
+            slot.seq, slot.last_used = seq, self._use()
+            del slot.tokens[seq.cached:]
+            resets.append((slot.index, seq.cached))
+            self.prefilling.append(seq)
+        rows = [s.seq for s in self.slots if s.seq is not None and s.seq.state == RUNNING]
+        decodes = [(seq.slot, seq.generated[-1]) for seq in rows]
+        chunk, chunk_seq = None, None
+        if self.prefilling:
+            chunk_seq = self.prefilling[0]
+            done = len(self.slots[chunk_seq.slot].tokens)
+            chunk = (chunk_seq.slot, chunk_seq.prompt[done:done + self.chunk])
+        if not decodes and chunk is None:
+            return None
+        self._pending = Plan(resets, decodes, chunk, rows, chunk_seq)
+        return self._pending
+
+    def apply(self, result: tuple[np.ndarray, np.ndarray | None]) -> None:
+        """Take the core's (decode logits [B, V], chunk's last logits) for the pending plan; advance sequences."""
+        plan, self._pending = self._pending, None
+        if plan is None:
+            raise RuntimeError("no plan to apply")
+        logits, chunk_logits = result
+        for slot, token in plan.decodes:  # the cache advanced whatever happened to its sequence since
+            self.slots[slot].tokens.append(token)
+        if plan.chunk is not None:
+            self.slots[plan.chunk[0]].tokens.extend(plan.chunk[1])
+        for i, seq in enumerate(plan.rows):
+            if seq.state == RUNNING:
+                self._advance(seq, logits[i])
+        seq = plan.chunk_seq
+        if seq is not None and seq.state == PREFILL and len(self.slots[seq.slot].tokens) == len(seq.prompt):
+            self.prefilling.remove(seq)
+            seq.state = RUNNING
+            if not np.isfinite(chunk_logits).all():
+                self.slots[seq.slot].tokens.clear()
+                self._retire(seq, Failed(seq.job.job_id, ErrorKind.INTERNAL, NON_FINITE))
+                return
+            seq.deadline = None if seq.job.time_limit is None else self.clock() + seq.job.time_limit
+            self.emit(Started(seq.job.job_id, len(seq.prompt), seq.cached))
+            self._advance(seq, chunk_logits)
+
+    # internals
+
+    def _budget(self, job: GenerationJob, prompt: list[int]) -> int:
+        """Tokens the job may generate; ValueError (bad prompt) or OverflowError (does not fit)."""
+        if not prompt:
+            raise ValueError("the prompt is empty after tokenization")
+        if self.n_vocab is not None:
+            bad = [t for t in prompt if not 0 <= t < self.n_vocab]
+            if bad:
+                raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
+        room = self.n_ctx - len(prompt)
+        want = job.max_tokens if job.max_tokens is not None else room
+        if want > room or room <= 0:
+            raise OverflowError(
+                f"This model's maximum context length is {self.n_ctx} tokens. However, you requested "
+                f"{len(prompt) + want} tokens ({len(prompt)} in the prompt, {want} for the completion). "
+                "Please reduce the prompt or the completion length.")
+        return want
+
+    def _keep(self, seq: Seq, slot: Slot) -> int:
+        """Prompt tokens a slot's cache can keep for a sequence (at least one token is always evaluated)."""
+        if not seq.job.reuse_prefix:
+            return 0
+        return min(common_prefix(seq.prompt, slot.tokens), len(seq.prompt) - 1)
+
+    def _use(self) -> int:
+        self._tick += 1
+        return self._tick
+
+    def _advance(self, seq: Seq, row: np.ndarray) -> None:
+        """Pick a running sequence's next token from its logits row, emit it, retire it if it is done."""
+        job = seq.job
+        if len(seq.generated) >= seq.budget:
+            self._retire(seq, Finished(job.job_id, FinishReason.LENGTH, len(seq.generated)))
+            return
+        if seq.deadline is not None and self.clock() > seq.deadline:
+            self._retire(seq, Finished(job.job_id, FinishReason.LENGTH, len(seq.generated), timed_out=True))
+            return
+        try:  # a sampler error ends this sequence only
+            picked = self.choose(row, seq)
+            token, logprob = picked if isinstance(picked, tuple) else (picked, None)
+            token = int(token)
+        except Exception as exc:  # noqa: BLE001 - isolate one row's failure
+            self._retire(seq, Failed(job.job_id, ErrorKind.INTERNAL, str(exc) or type(exc).__name__))
+            return
+        if token == self.eos:
+            self._retire(seq, Finished(job.job_id, FinishReason.STOP, len(seq.generated)))
+            return
+        seq.generated.append(token)
+        seq.counts[token] = seq.counts.get(token, 0) + 1
+        piece = self.pieces[token] if token < len(self.pieces) else b""
+        self.emit(Tokens(job.job_id, [token], [piece], None if logprob is None else [logprob]))
+        if len(seq.generated) >= seq.budget:  # the last token is not evaluated (as backends.engine)
+            self._retire(seq, Finished(job.job_id, FinishReason.LENGTH, len(seq.generated)))
+
+    def _retire(self, seq: Seq, event: object) -> None:
+        """End a sequence: free its slot at once, drop it from every queue, emit its last event."""
+        if seq.state == WAITING:
+            self.waiting.remove(seq)
+        elif seq.state == PREFILL:
+            self.prefilling.remove(seq)
+        if seq.slot is not None and self.slots[seq.slot].seq is seq:
+            self.slots[seq.slot].seq = None
+            self.slots[seq.slot].last_used = self._use()
+        seq.state = DONE
+        self.sequences.pop(seq.job.job_id, None)
+        self.emit(event)
