@@ -23,6 +23,10 @@ class PoolModel:
     prefix_cache: bool = True
     flush_interval: float = 0.0  # seconds; tokens closer together than this are sent in one message
     pieces: tuple[bytes, ...] = ()  # the vocabulary (token id -> bytes); read from the file when empty
+    engine: str = "ctransformers"  # "ctransformers" (backends.worker) or "ggml" (backends.batched.process)
+    slots: int = 1  # jobs one worker process runs at once (ctransformers: 1)
+    n_ctx: int | None = None  # ggml: the context its KV cache is sized for (None = the file's)
+    chunk: int = 32  # ggml: prompt tokens prefilled per step
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class JobHandle:
         self.submitted_at = time.monotonic()
         self.dispatched_at: float | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.dispatch_seen: int | None = None  # its worker's progress counter when it was sent
 
     def deliver(self, event: Event) -> None:
         """Called by the pool with each event for this job."""
@@ -106,7 +111,8 @@ class WorkerProc:
     progress: object = None  # shared counter the worker bumps per token, prompt chunk and job received
     pid: int = 0
     limits: ModelLimits | None = None
-    job: JobHandle | None = None
+    jobs: dict[int, JobHandle] = field(default_factory=dict)  # job id -> the jobs it runs now
+    slots: int = 1  # jobs it may run at once
     ready: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     alive: bool = True
     cached: list[int] = field(default_factory=list)  # the server's view of the tokens in its KV cache
@@ -118,3 +124,19 @@ class WorkerProc:
     killed_because: str | None = None  # why the pool killed it (stall, load timeout)
     load_timer: asyncio.TimerHandle | None = None
     spawn_failures: int = 0  # failed attempts to start a replacement for this (dead) worker
+
+    @property
+    def job(self) -> JobHandle | None:
+        """The job of a one-slot worker (the first of several otherwise); None when idle."""
+        return next(iter(self.jobs.values()), None)
+
+    @job.setter
+    def job(self, handle: JobHandle | None) -> None:
+        self.jobs.clear()
+        if handle is not None:
+            self.jobs[handle.job.job_id] = handle
+
+    @property
+    def free(self) -> int:
+        """Slots without a job."""
+        return self.slots - len(self.jobs)

@@ -43,13 +43,19 @@ class ModelPool(WorkerSupervisor):
         return self.spec.prefix_cache
 
     def status(self) -> ModelStatus:
-        """A snapshot: each worker process is one slot; the queue holds up to max_queue more jobs."""
+        """A snapshot: each worker process has spec.slots slots; the queue holds up to max_queue more jobs."""
         available, alive = self.available, self.alive
         state = UNAVAILABLE if not available else RESTARTING if alive == 0 else READY
-        return ModelStatus(name=self.spec.name, state=state, available=available, slots=self.spec.workers,
+        return ModelStatus(name=self.spec.name, state=state, available=available,
+                           slots=self.spec.workers * self._slots,
                            running=self.busy, queued=len(self.pending), queue_capacity=self.spec.max_queue,
                            processes=self.spec.workers, alive=alive, restarts=self.restarts,
                            problem=self.problem, pids=tuple(w.process.pid for w in self.workers if w.alive))
+
+    @property
+    def _slots(self) -> int:
+        """Jobs one worker process runs at once."""
+        return max(1, self.spec.slots) if self.spec.engine == "ggml" else 1
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self, timeout: float | None = None) -> bool:
@@ -122,19 +128,20 @@ class ModelPool(WorkerSupervisor):
         if isinstance(msg, tuple):
             self._on_control(worker, *msg)
             return
-        handle = worker.job
-        if handle is None or handle.job.job_id != msg.job_id:
+        handle = worker.jobs.get(msg.job_id)
+        if handle is None:
             return  # late event of a job already given up on
         handle.deliver(msg)
         if isinstance(msg, Tokens):
-            worker.cached.extend(msg.ids)
+            if worker.slots == 1:
+                worker.cached.extend(msg.ids)
         elif isinstance(msg, Failed):
             worker.cached = []
             if msg.kind == ErrorKind.INTERNAL:
                 log.error("model %s: a job failed in worker %d (pid %d): %s", self.spec.name, worker.index,
                           worker.pid, msg.message)
         if isinstance(msg, (Finished, Failed)):
-            worker.job = None
+            del worker.jobs[msg.job_id]
             self._dispatch()
 
     def _fail_pending(self, message: str, retry_after: int | None = None) -> None:
@@ -197,10 +204,15 @@ class ModelPool(WorkerSupervisor):
             handle.timer.cancel()
 
     def _idle(self, prompt: list[int] | None = None) -> WorkerProc | None:
-        """An idle worker; with a prompt, the one whose cache shares the longest prefix with it."""
+        """A worker with a free slot; with a prompt, the one whose cache shares the longest prefix with it
+        (one-slot workers; a multi-slot one reuses prefixes by itself: the least loaded wins)."""
         best, best_key = None, None
         for w in self.workers:
-            if not (w.alive and w.job is None and w.limits is not None):
+            if not (w.alive and w.free > 0 and w.limits is not None):
+                continue
+            if w.slots > 1:
+                if best is None or w.free > best.free:
+                    best = w
                 continue
             if prompt is None or not self.spec.prefix_cache:
                 return w
@@ -225,11 +237,15 @@ class ModelPool(WorkerSupervisor):
             if handle.timer is not None:
                 handle.timer.cancel()
             now = handle.dispatched_at = time.monotonic()
-            worker.job = handle
-            worker.cached = list(prompt) if isinstance(prompt, list) else []
+            idle = not worker.jobs
+            worker.jobs[handle.job.job_id] = handle
+            if worker.slots == 1:
+                worker.cached = list(prompt) if isinstance(prompt, list) else []
             worker.last_used = now
-            worker.seen = worker.dispatch_seen = worker.progress.value
-            worker.progress_at = now
+            handle.dispatch_seen = worker.progress.value
+            if idle:  # a busy worker's watchdog clock keeps running
+                worker.seen = worker.dispatch_seen = worker.progress.value
+                worker.progress_at = now
             handle.worker = worker
             self._send(worker, ("job", with_time_left(handle.job, handle.group, now)))
 
@@ -240,7 +256,7 @@ class ModelPool(WorkerSupervisor):
             handle.deliver(Finished(handle.job.job_id, FinishReason.CANCELLED, 0))
             return
         worker = handle.worker
-        if worker is not None and worker.job is handle and not handle.cancel_sent:
+        if worker is not None and worker.jobs.get(handle.job.job_id) is handle and not handle.cancel_sent:
             handle.cancel_sent = True
             self._send(worker, ("cancel", handle.job.job_id))
 

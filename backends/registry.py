@@ -25,6 +25,9 @@ __all__ = ["ModelSpec", "Registry", "RegistryError", "RegistryFile", "ServedMode
 log = logging.getLogger(__name__)
 
 
+DEFAULT_PARALLEL = 8  # sequences the ggml engine decodes together when an entry does not say
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -71,12 +74,22 @@ class ModelSpec(_Strict):
     threads: int | None = Field(None, ge=1, le=256, description="Engine threads per worker; omitted = the "
                                                                  "usable CPUs divided by the workers.")
     batch_size: int = Field(8, ge=1, le=32)
+    engine: Literal["ctransformers", "ggml"] = Field("ctransformers", description="ctransformers: one sequence "
+                                                     "per worker process; ggml: the batched engine, `parallel` "
+                                                     "sequences decoded together in each process.")
+    parallel: int | None = Field(None, ge=1, le=64, description="Sequences the ggml engine decodes together "
+                                                                "per process (engine ggml only; default 8).")
     prefix_cache: bool = Field(True, description="Reuse the longest common token prefix between requests "
                                                  "on a worker, and route follow-ups to the worker holding it.")
     max_queue: int | None = Field(None, ge=0)
     max_tokens_cap: int | None = Field(None, ge=1, description="Largest max_tokens a request may ask for.")
     create_if_missing: Literal["demo"] | None = None
     owned_by: str = "gpt4all-j-server"
+
+    @property
+    def slots(self) -> int:
+        """Sequences one process of this entry runs at once."""
+        return (self.parallel or DEFAULT_PARALLEL) if self.engine == "ggml" else 1
 
     @field_validator("aliases")
     @classmethod
@@ -193,6 +206,11 @@ def _check_names(path: Path, parsed: RegistryFile) -> None:
                     f"is already used by model {seen[name]!r}"
                 )
             seen[name] = m.id
+        if m.parallel is not None and m.engine != "ggml":
+            raise RegistryError(
+                f"{path}: models[{idx}] (id {m.id!r}): field 'parallel': only the ggml engine decodes sequences "
+                f"together (this entry uses engine {m.engine!r}; set `engine: ggml` or use `workers`)"
+            )
         if m.prompt_template not in known:
             raise RegistryError(
                 f"{path}: models[{idx}] (id {m.id!r}): field 'prompt_template': unknown template "

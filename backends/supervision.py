@@ -121,21 +121,26 @@ class WorkerSupervisor:
         """Start one worker process and watch its pipe and its exit."""
         progress = _SPAWN.RawValue("L", 0)
         parent, child = _SPAWN.Pipe(duplex=True)
+        spec = self.spec
         try:
-            proc = _SPAWN.Process(
-                target=worker_main,
-                args=(child, self.spec.path, self.spec.threads, self.spec.batch_size, self.spec.flush_interval,
-                      progress),
-                name=f"gpt4all-j-worker:{self.spec.name}:{index}",
-                daemon=True,
-            )
+            if spec.engine == "ggml":
+                from backends.batched.process import batched_main  # imports no ggml in this process
+
+                target, args = batched_main, (child, spec.path, spec.slots, spec.threads, spec.chunk, progress,
+                                              spec.n_ctx)
+            else:
+                target, args = worker_main, (child, spec.path, spec.threads, spec.batch_size, spec.flush_interval,
+                                             progress)
+            proc = _SPAWN.Process(target=target, args=args, name=f"gpt4all-j-worker:{spec.name}:{index}",
+                                  daemon=True)
             proc.start()
         except BaseException:
             parent.close()
             raise
         finally:
             child.close()
-        worker = WorkerProc(index=index, process=proc, conn=parent, progress=progress, pid=proc.pid)
+        worker = WorkerProc(index=index, process=proc, conn=parent, progress=progress, pid=proc.pid,
+                            slots=max(1, spec.slots) if spec.engine == "ggml" else 1)
         loop = asyncio.get_running_loop()
         try:
             loop.add_reader(parent.fileno(), self._readable, worker)
@@ -225,10 +230,10 @@ class WorkerSupervisor:
         """Fail a dead worker's job, then replace it (with backoff) unless closing."""
         self._forget(worker)
         _resolve(worker.ready, f"the worker {how} while loading the model")
-        if worker.job is not None:
-            worker.job.deliver(Failed(worker.job.job.job_id, ErrorKind.INTERNAL,
-                                      f"the worker process serving this request {how} before it finished"))
-            worker.job = None
+        handles, worker.jobs = list(worker.jobs.values()), {}
+        for handle in handles:
+            handle.deliver(Failed(handle.job.job_id, ErrorKind.INTERNAL,
+                                  f"the worker process serving this request {how} before it finished"))
         if self._closing or not self._started:
             return  # stop() or start() accounts for it
         if worker.load_error:
@@ -312,33 +317,40 @@ class WorkerSupervisor:
             return
         now, limit = time.monotonic(), self.policy.stall_timeout
         for w in list(self.workers):
-            if not (w.alive and w.job is not None):
+            if not (w.alive and w.jobs):
                 continue
             value = w.progress.value
             if value != w.seen:
                 w.seen, w.progress_at = value, now
             elif now - w.progress_at > limit:
                 self._readable(w)  # its last messages may not have been handled yet
-                if w.alive and w.job is not None and w.progress.value == w.seen and now - w.progress_at > limit:
+                if w.alive and w.jobs and w.progress.value == w.seen and now - w.progress_at > limit:
                     self._stalled(w, now - w.progress_at)
         self._schedule_watch()
 
     def _stalled(self, worker: WorkerProc, idle: float) -> None:
-        """Kill a stalled worker (its exit brings a replacement); its job fails, or goes back to the
-        head of the queue if the worker never even took it."""
-        handle, worker.job, worker.alive = worker.job, None, False
-        taken = worker.progress.value != worker.dispatch_seen
+        """Kill a stalled worker (its exit brings a replacement); each of its jobs fails, or goes back to
+        the head of the queue if the worker never even took it."""
+        handles, worker.jobs, worker.alive = list(worker.jobs.values()), {}, False
+        value = worker.progress.value
+
+        def was_taken(handle) -> bool:
+            seen = handle.dispatch_seen if handle.dispatch_seen is not None else worker.dispatch_seen
+            return value != seen
+
+        taken = any(was_taken(h) for h in handles)
         worker.killed_because = (f"it made no progress for {idle:.1f}s while {'running' if taken else 'given'} "
                                  f"a job (worker_stall_timeout is {self.policy.stall_timeout:g}s)")
         log.error("worker %d of %s (pid %d): %s; killing it", worker.index, self.spec.name, worker.pid,
                   worker.killed_because)
         kill(worker)
-        if taken:
-            handle.deliver(Failed(handle.job.job_id, ErrorKind.INTERNAL,
-                                  f"the worker serving this request stopped making progress (nothing for "
-                                  f"{idle:.0f}s), so it was killed and replaced"))
-        else:
-            self._requeue(handle)
+        for handle in reversed(handles):  # requeued ones keep their order at the head of the queue
+            if was_taken(handle):
+                handle.deliver(Failed(handle.job.job_id, ErrorKind.INTERNAL,
+                                      f"the worker serving this request stopped making progress (nothing for "
+                                      f"{idle:.0f}s), so it was killed and replaced"))
+            else:
+                self._requeue(handle)
 
     # ---- status ---------------------------------------------------------------------------
     @property
@@ -348,8 +360,8 @@ class WorkerSupervisor:
 
     @property
     def busy(self) -> int:
-        """Workers currently running a job."""
-        return sum(1 for w in self.workers if w.job is not None)
+        """Jobs running now (in all workers)."""
+        return sum(len(w.jobs) for w in self.workers)
 
     @property
     def alive(self) -> int:

@@ -33,7 +33,8 @@ def pool_models(registry: Registry, settings: Settings) -> list[PoolModel]:
             name=m.spec.id, path=str(m.path), workers=m.spec.workers, threads=m.threads,
             batch_size=m.spec.batch_size, prefix_cache=m.spec.prefix_cache,
             flush_interval=settings.token_batch_ms / 1000,
-            pieces=tuple(m.tokenizer.pieces),
+            pieces=tuple(m.tokenizer.pieces), engine=m.spec.engine, slots=m.spec.slots,
+            n_ctx=m.context_length if m.spec.engine == "ggml" else None,
             max_queue=m.spec.max_queue if m.spec.max_queue is not None else settings.default_max_queue,
         )
         for m in registry.served

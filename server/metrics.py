@@ -51,7 +51,8 @@ class _PoolCollector:
 
     def collect(self):
         depth = GaugeMetricFamily(PREFIX + "queue_depth_requests", "Jobs waiting for a worker.", labels=["model"])
-        busy = GaugeMetricFamily(PREFIX + "workers_busy", "Workers running a job.", labels=["model"])
+        busy = GaugeMetricFamily(PREFIX + "workers_busy", "Generations running (one per busy ctransformers worker; "
+                                  "up to `parallel` per ggml engine process).", labels=["model"])
         alive = GaugeMetricFamily(PREFIX + "workers_alive", "Workers loaded and running.", labels=["model"])
         up = GaugeMetricFamily(PREFIX + "model_available", "1 if the model takes requests.", labels=["model"])
         restarts = CounterMetricFamily(PREFIX + "worker_restarts", "Workers replaced after a crash.",
