@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from backends.budget import ContextOverflow, generation_budget
 from backends.ggml.reader import inspect_model, read_vocab
 from backends.types import (
     ErrorKind,
@@ -29,10 +30,6 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 32  # larger first batches overflow ctransformers' scratch pool (engine-facts.md)
 NON_FINITE = ("the model produced non-finite logits (NaN or infinity): its weights are probably corrupt; "
               "check or re-download the model file")
-
-
-class ContextOverflow(Exception):
-    """The prompt plus max_tokens does not fit the model's context."""
 
 
 def cpu_library() -> str:
@@ -159,20 +156,7 @@ class Engine:
 
     def _budget(self, job: GenerationJob, prompt: list[int]) -> int:
         """How many tokens may be generated; raises when the request cannot fit."""
-        if not prompt:
-            raise ValueError("the prompt is empty after tokenization")
-        bad = [t for t in prompt if not 0 <= t < self.n_vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
-        room = self.n_ctx - len(prompt)
-        want = job.max_tokens if job.max_tokens is not None else room
-        if want > room or room <= 0:
-            raise ContextOverflow(
-                f"This model's maximum context length is {self.n_ctx} tokens. However, you requested "
-                f"{len(prompt) + want} tokens ({len(prompt)} in the prompt, {want} for the completion). "
-                "Please reduce the prompt or the completion length."
-            )
-        return want
+        return generation_budget(prompt, job.max_tokens, self.n_ctx, self.n_vocab)
 
     def _decode(self, job: GenerationJob, budget: int, should_stop: Callable[[], bool]) -> Iterator[object]:
         """The per-token loop: sample, report, evaluate; stops between tokens when asked."""

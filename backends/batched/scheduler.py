@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from backends.budget import ContextOverflow, generation_budget
 from backends.types import (
     ErrorKind,
     Failed,
@@ -136,7 +137,7 @@ class Scheduler:
             raise ValueError(f"job {job.job_id} is already scheduled")
         try:
             budget = self._budget(job, tokens)
-        except OverflowError as exc:
+        except ContextOverflow as exc:
             self.emit(Failed(job.job_id, ErrorKind.CONTEXT_LENGTH, str(exc)))
             return False
         except ValueError as exc:
@@ -220,21 +221,8 @@ class Scheduler:
     # internals
 
     def _budget(self, job: GenerationJob, prompt: list[int]) -> int:
-        """Tokens the job may generate; ValueError (bad prompt) or OverflowError (does not fit)."""
-        if not prompt:
-            raise ValueError("the prompt is empty after tokenization")
-        if self.n_vocab is not None:
-            bad = [t for t in prompt if not 0 <= t < self.n_vocab]
-            if bad:
-                raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
-        room = self.n_ctx - len(prompt)
-        want = job.max_tokens if job.max_tokens is not None else room
-        if want > room or room <= 0:
-            raise OverflowError(
-                f"This model's maximum context length is {self.n_ctx} tokens. However, you requested "
-                f"{len(prompt) + want} tokens ({len(prompt)} in the prompt, {want} for the completion). "
-                "Please reduce the prompt or the completion length.")
-        return want
+        """Tokens the job may generate; ValueError (bad prompt) or ContextOverflow (does not fit)."""
+        return generation_budget(prompt, job.max_tokens, self.n_ctx, self.n_vocab)
 
     def _keep(self, seq: Seq, slot: Slot) -> int:
         """Prompt tokens a slot's cache can keep for a sequence (at least one token is always evaluated)."""

@@ -13,7 +13,7 @@ import pytest
 
 from tests.batched import require_ggml
 from tests.e2e.conftest import ROOT, free_port, start_server, stop_server
-from tests.e2e.sse import read_events, stream
+from tests.e2e.sse import stream
 from tests.models import NO_EOS
 
 require_ggml()
@@ -133,21 +133,31 @@ def test_streams_of_a_killed_engine_end_with_an_error_and_done(batched_server):
     """Every stream the engine process held ends with an error event and [DONE]; a replacement serves."""
     pid = _details(batched_server, "slow")["worker_pids"][0]
     results: list = []
+    streaming = [threading.Event(), threading.Event()]  # set once a stream has begun (its first event)
 
-    def run() -> None:
+    def run(begun: threading.Event) -> None:
         try:
             with httpx.stream("POST", batched_server.url + "/completions",
                               json={**SLOW, "max_tokens": 450, "stream": True}, timeout=60) as r:
-                results.append(read_events(r))
+                assert r.status_code == 200, r.read()
+                payloads = []
+                for line in r.iter_lines():
+                    if not line or line.startswith(":"):
+                        continue
+                    assert line.startswith("data: "), f"not an SSE data line: {line!r}"
+                    payloads.append(line[len("data: "):])
+                    begun.set()
+                results.append(payloads)
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             results.append(exc)
+        finally:
+            begun.set()
 
-    threads = [threading.Thread(target=run) for _ in range(2)]
+    threads = [threading.Thread(target=run, args=(e,)) for e in streaming]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 10
-    while _details(batched_server, "slow")["busy"] < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    for e in streaming:  # kill only once both streams are under way (before that, a failure is an HTTP error)
+        e.wait(30)
     os.kill(pid, 9)
     for t in threads:
         t.join(60)
