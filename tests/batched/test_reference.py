@@ -25,6 +25,7 @@ from backends.batched import BatchedEngine, EngineConfig  # noqa: E402
 from backends.ggml.reader import read_hparams, read_tensors  # noqa: E402
 from backends.ggml.writer import GPTJConfig, write_model  # noqa: E402
 from tests.reference.gptj_numpy import forward  # noqa: E402
+from tests.test_engine_reference import _neox_pairs  # noqa: E402
 
 FTYPES = ["f32", "f16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
 EXACT_FTYPES = {"f32", "f16"}
@@ -86,24 +87,6 @@ def test_batched_logits_match_numpy_gptj(tmp_path, ftype):
             max_abs, _ = _figures(got_next, wrong[PROMPT_LEN])
             print(f"control {name:24s} max|diff| {max_abs:.3e}")
             assert max_abs >= CONTROL_MIN_MAX_ABS, f"a reference with {name} is only {max_abs:.3e} away"
-
-
-def _neox_pairs(tensors: dict, hparams: dict) -> dict:
-    """Weights under which interleaved rotary acts like NeoX's half-split rotary on the originals."""
-    n_embd, n_head, n_rot = hparams["n_embd"], hparams["n_head"], hparams["n_rot"]
-    head_dim = n_embd // n_head
-    inner = np.arange(head_dim)
-    inner[0:n_rot:2] = np.arange(n_rot // 2)
-    inner[1:n_rot:2] = np.arange(n_rot // 2) + n_rot // 2
-    rows = (np.arange(n_head)[:, None] * head_dim + inner[None, :]).reshape(-1)
-    out = dict(tensors)
-    for i in range(hparams["n_layer"]):
-        for which in ("q", "k"):
-            name = f"transformer.h.{i}.attn.{which}_proj.weight"
-            out[name] = tensors[name][rows]
-    return out
-
-
 def test_partial_rotary_at_long_positions(tmp_path):
     """Only the first n_rot dims of a head turn (GPT-J), unlike ctransformers' whole-head rope.
 

@@ -104,6 +104,16 @@ def start_server(registry: Path, log: Path, extra_env: dict[str, str] | None = N
     raise RuntimeError(f"server not ready in time:\n{log.read_text()}")
 
 
+def wait_for(predicate, timeout: float = 20.0) -> bool:
+    """Poll a condition until it holds or the timeout passes; whether it held."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def stop_server(server: Server) -> None:
     server.proc.terminate()
     try:

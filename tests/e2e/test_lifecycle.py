@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import REGISTRY, start_server, stop_server
+from tests.e2e.conftest import REGISTRY, start_server, stop_server, wait_for
 from tests.models import NO_EOS
 
 
@@ -28,15 +28,6 @@ def worker_pids(srv) -> list[int]:
 def gone(pid: int) -> bool:
     """The process no longer exists at all (a zombie still has /proc/<pid>, so it is not gone)."""
     return not Path(f"/proc/{pid}").exists()
-
-
-def wait_for(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_crash_loop_marks_the_model_unavailable_then_recovers(model_files, tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import ROOT, Server, free_port, start_server, stop_server
+from tests.e2e.conftest import ROOT, Server, free_port, start_server, stop_server, wait_for
 from tests.e2e.test_faults import wait_ready, worker_pid
 from tests.models import NO_EOS
 from tests.schemas import validate
@@ -38,15 +38,6 @@ def stalling(model_files, tmp_path_factory):
     stop_server(srv)
 
 
-def _wait_for(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_a_stopped_worker_is_detected_its_stream_ends_with_an_error_and_the_queue_is_served(stalling):
     pid = worker_pid(stalling, "slow")
     body = {"model": "slow", "prompt": "Once", "max_tokens": 1800, "stream": True, **NO_EOS}
@@ -63,7 +54,8 @@ def test_a_stopped_worker_is_detected_its_stream_ends_with_an_error_and_the_queu
             payloads.append(line[6:])
             if len(payloads) == 2:
                 behind.start()
-                assert _wait_for(lambda: httpx.get(stalling.base + "/ready").json()["models"]["slow"]["queued"])
+                assert wait_for(lambda: httpx.get(stalling.base + "/ready").json()["models"]["slow"]["queued"],
+                                timeout=30)
                 os.kill(pid, signal.SIGSTOP)
                 stopped_at = time.monotonic()
     detected = time.monotonic() - stopped_at
@@ -91,7 +83,7 @@ def test_a_restart_that_fails_with_too_many_open_files_is_retried(stalling):
     resource.prlimit(server, resource.RLIMIT_NOFILE, (0, hard))
     try:
         os.kill(pid, signal.SIGKILL)
-        assert _wait_for(lambda: "Too many open files" in stalling.logs(), timeout=20)
+        assert wait_for(lambda: "Too many open files" in stalling.logs(), timeout=20)
         time.sleep(1.0)  # at least one more failed attempt
     finally:
         resource.prlimit(server, resource.RLIMIT_NOFILE, (soft, hard))
@@ -120,8 +112,8 @@ def test_why_a_replacement_failed_is_logged_and_retry_after_is_the_cooldown_left
     with open(model, "r+b") as f:
         f.truncate(model.stat().st_size - 4096)
     os.kill(pid, signal.SIGKILL)
-    assert _wait_for(lambda: "could not load the model" in srv.logs())
-    assert _wait_for(lambda: "crashed 2 times" in srv.logs())
+    assert wait_for(lambda: "could not load the model" in srv.logs(), timeout=30)
+    assert wait_for(lambda: "crashed 2 times" in srv.logs(), timeout=30)
     r = httpx.post(srv.url + "/completions", json={"model": "slow", "prompt": "x", "max_tokens": 3}, timeout=30)
     assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable"
     assert 20 <= int(r.headers["retry-after"]) <= 30, r.headers["retry-after"]
@@ -169,7 +161,7 @@ def test_a_model_whose_first_load_times_out_is_retried_and_then_serves(model_fil
             stuck = next((c for c in _children(proc.pid) if _is_worker(c)), None)
             time.sleep(0.001)
         os.kill(stuck, signal.SIGSTOP)  # just spawned: it cannot have loaded the model yet
-        assert _wait_for(lambda: _ready(srv), timeout=90), log.read_text()
+        assert wait_for(lambda: _ready(srv), timeout=90), log.read_text()
         assert stuck not in httpx.get(srv.base + "/ready").json()["models"]["slow"]["worker_pids"]
         r = httpx.post(srv.url + "/completions", json={"model": "slow", "prompt": "x", "max_tokens": 3}, timeout=30)
         assert r.status_code == 200
