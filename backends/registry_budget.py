@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from backends.batched.memory import EngineMemory, engine_memory
 from backends.registry_load import RegistryError
 
 if TYPE_CHECKING:
@@ -22,13 +23,43 @@ _SHOWN = 5  # models itemised in the refusal message
 
 
 def kv_cache_bytes(info: ModelInfo) -> int:
-    """ggml's GPT-J key and value caches: 2 x n_layer x n_ctx x n_embd f16 values (allocated at load)."""
+    """ctransformers' GPT-J key and value caches: 2 x n_layer x n_ctx x n_embd f16 values, allocated at load.
+
+    ctransformers sizes them from the file's n_ctx whatever the entry's context_length (it ignores
+    `context_length=` for GPT-J), so the file's n_ctx is the right figure here.
+    """
     return 2 * info.n_layer * info.n_ctx * info.n_embd * 2
 
 
 def worker_bytes(info: ModelInfo) -> int:
-    """Estimated memory of one worker: the weights (file size) + KV cache + per-process overhead."""
+    """Estimated memory of one ctransformers worker: the weights (file size) + KV cache + process overhead."""
     return info.file_size + kv_cache_bytes(info) + WORKER_OVERHEAD
+
+
+def batched_memory(model: ServedModel) -> EngineMemory:
+    """What one `engine: ggml` process of an entry needs, by the engine's own formula: the weights (the file,
+    whose vocabulary the process holds too), `parallel` KV caches of the served context, compute buffers."""
+    info = model.info
+    return engine_memory(info.file_size, info.n_layer, info.n_embd, info.n_head, info.n_vocab, info.n_ctx,
+                         model.spec.slots, model.context_length)
+
+
+def process_bytes(model: ServedModel) -> int:
+    """Estimated memory of one process of an entry (either engine)."""
+    if model.spec.engine == "ggml":
+        return batched_memory(model).total + WORKER_OVERHEAD
+    return worker_bytes(model.info)
+
+
+def _itemise(model: ServedModel) -> str:
+    """One entry's share of the estimate, part by part."""
+    head = f"{model.spec.id} {model.spec.workers} x {_size(process_bytes(model))}"
+    if model.spec.engine == "ggml":
+        need = batched_memory(model)
+        return (f"{head} (file {_size(need.weights)} + KV cache {need.kv_text()} + compute "
+                f"{_size(need.compute)} + process {_size(WORKER_OVERHEAD)})")
+    return (f"{head} (file {_size(model.info.file_size)} + KV cache {_size(kv_cache_bytes(model.info))} + "
+            f"process {_size(WORKER_OVERHEAD)})")
 
 
 def _cgroup_limits() -> list[int]:
@@ -104,16 +135,16 @@ def check_budget(path: Path, served: list[ServedModel], max_workers: int | None,
         budget, source = machine_memory()
         if budget is None:
             return  # the machine's memory is unknown: nothing to compare with
-    needs = sorted(((m.spec.workers * worker_bytes(m.info), m) for m in served), key=lambda t: -t[0])
+    needs = sorted(((m.spec.workers * process_bytes(m), m) for m in served), key=lambda t: -t[0])
     total = sum(n for n, _ in needs)
     if total <= budget:
         return
-    parts = [f"{m.spec.id} {m.spec.workers} x {_size(worker_bytes(m.info))} (file {_size(m.info.file_size)}"
-             f" + KV cache {_size(kv_cache_bytes(m.info))} + process {_size(WORKER_OVERHEAD)})"
-             for _, m in needs[:_SHOWN]]
+    parts = [_itemise(m) for _, m in needs[:_SHOWN]]
     if len(needs) > _SHOWN:
         parts.append(f"and {len(needs) - _SHOWN:,} more")
+    batched = any(m.spec.engine == "ggml" for m in served)
+    lower = "`workers`, or `parallel` or `context_length` of engine: ggml entries" if batched else "`workers`"
     raise RegistryError(
         f"{path}: the served models need an estimated {_size(total)} for {workers:,} worker(s), more than "
-        f"the memory budget of {_size(budget)} ({source}): {'; '.join(parts)}. Lower `workers`, remove "
+        f"the memory budget of {_size(budget)} ({source}): {'; '.join(parts)}. Lower {lower}, remove "
         f"entries (or their files), or set --memory-budget-mb (env GPT4ALL_J_MEMORY_BUDGET_MB)")

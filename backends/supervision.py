@@ -208,9 +208,12 @@ class WorkerSupervisor:
         except (EOFError, OSError):
             self._unwatch_conn(worker)
 
-    def _on_control(self, worker: WorkerProc, kind: str, payload) -> None:
-        """A worker's ("ready", limits) or ("load_failed", reason)."""
+    def _on_control(self, worker: WorkerProc, kind: str, payload, report: str | None = None) -> None:
+        """A worker's ("ready", limits[, load report]) or ("load_failed", reason)."""
         if kind == "ready":
+            if report:
+                log.info("worker %d of %s (pid %d) loaded the model: %s", worker.index, self.spec.name,
+                         worker.pid, report)
             worker.limits = payload
             self.limits = payload
             _resolve(worker.ready, None)

@@ -119,8 +119,7 @@ class Run:
             self._open.discard(index)
 
     def fail(self, event: Failed) -> APIError:
-        """The HTTP error for a job's failure (cancelling the request's other jobs)."""
-        self.cancel()
+        """The HTTP error for a job's failure (raising it ends the request, which cancels the other jobs)."""
         return failure_to_error(event, self.plan.prompt_param, self.retry_after)
 
     def cancel(self, index: int | None = None) -> None:

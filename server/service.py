@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -11,8 +10,9 @@ from collections.abc import AsyncIterator, Callable
 from backends.engine_api import Engines
 from backends.registry import Registry, ServedModel
 from backends.types import Failed, Finished, FinishReason, Started, Tokens
-from server.errors import APIError, internal_error, model_not_downloaded, model_not_found, model_unavailable
+from server.errors import APIError, model_not_downloaded, model_not_found, model_unavailable
 from server.lifecycle import Lifecycle
+from server.lifetime import Generation
 from server.metrics import Metrics
 from server.middleware import RequestRecord
 from server.tracking import Tracker
@@ -24,7 +24,6 @@ from server.runner import Run
 from server.settings import Settings
 from server.streaming import ChoiceState, TextAssembler
 
-log = logging.getLogger(__name__)
 
 class InferenceService:
     """What the routes call: one method per endpoint."""
@@ -95,54 +94,30 @@ class InferenceService:
 
     async def _generate(self, req, plan_fn: Callable, prefix: str, disconnected: Callable,
                         record: RequestRecord, lifecycle: Lifecycle | None, chat: bool) -> dict | _Stream:
-        """Admit the request (not while shutting down), plan it, run it; the guard records how it ended."""
+        """Resolve the model, then admit, plan and run the request inside its one owner (see Generation)."""
         try:
             model = self.resolve(req.model, record)
         except APIError as exc:
             record.outcome = f"error:{exc.code}"
             raise
-        guard = Guard(record, lifecycle)
-        guard.admit(self.settings.retry_after)
-        try:
+        async with Generation(record, lifecycle, self.settings.retry_after, disconnected) as gen:
             plan = await _build(plan_fn, req, model, self.settings)
-            result = await self._execute(model, plan, prefix, disconnected, guard, chat)
-        except BaseException as exc:
-            guard.end(guard.outcome_of(exc))
-            raise
-        if isinstance(result, dict):
-            guard.end(guard.outcome_of(None))
-        return result
+            pool = self.pool.get(model.spec.id)
+            if pool is None:
+                raise model_not_found(model.spec.id)
+            run = Run(pool, plan, self.settings.retry_after, self.settings.request_timeout or None)
+            states = self._states(plan)
+            gen.launch(run, Tracker(self.metrics, model.spec.id, record, run, states))
+            renderer = Renderer(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), model.spec.id,
+                                plan.include_usage)
+            if plan.stream:
+                await gen.first()  # queue timeouts and early failures are still HTTP errors
+                body = _ChatStream if chat else _CompletionStream
+                return gen.hand_over(body(run, plan, renderer, states, gen.watch, gen.tracker))
+            await _collect(gen, states)
+            return _chat_body(renderer, plan, states) if chat else _completion_body(renderer, plan, states)
 
-    async def _execute(self, model: ServedModel, plan: Plan, prefix: str, disconnected: Callable,
-                       guard: Guard, chat: bool) -> dict | _Stream:
-        pool = self.pool.get(model.spec.id)
-        if pool is None:
-            raise model_not_found(model.spec.id)
-        run = Run(pool, plan, self.settings.retry_after, self.settings.request_timeout or None)
-        run.submit()
-        watch = Watch(run, guard, disconnected, self.settings.retry_after)
-        renderer = Renderer(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), model.spec.id,
-                            plan.include_usage)
-        states = self._states(plan, run)
-        tracker = Tracker(self.metrics, model.spec.id, guard.record, run, states)
-        if plan.stream:
-            try:
-                await watch.first()  # queue timeouts and early failures are still HTTP errors
-            except BaseException:
-                watch.stop()
-                run.cancel()
-                raise
-            body = _ChatStream if chat else _CompletionStream
-            return body(run, plan, renderer, states, watch, tracker)
-        try:
-            await _collect(run, states, tracker, watch)
-        finally:
-            watch.stop()
-            run.cancel()
-            tracker.close()
-        return _chat_body(renderer, plan, states) if chat else _completion_body(renderer, plan, states)
-
-    def _states(self, plan: Plan, run: Run) -> list[ChoiceState]:
+    def _states(self, plan: Plan) -> list[ChoiceState]:
         states = []
         for index in range(len(plan.prompts) * plan.n):
             state = ChoiceState(index, TextAssembler(plan.stops))
@@ -186,12 +161,11 @@ def _apply(run: Run, state: ChoiceState, event: object) -> str:
     return ""
 
 
-async def _collect(run: Run, states: list[ChoiceState], tracker: Tracker, watch: Watch) -> None:
+async def _collect(gen: Generation, states: list[ChoiceState]) -> None:
     """Consume every event of a non-streamed request."""
-    async for index, event in run.events():
-        watch.check(event)
-        tracker.see(index, event)
-        _apply(run, states[index], event)
+    async for index, event in gen.run.events():
+        gen.see(index, event)
+        _apply(gen.run, states[index], event)
 
 
 def _usage(plan: Plan, states: list[ChoiceState]):
@@ -230,13 +204,15 @@ def _chat_body(r: Renderer, plan: Plan, states: list[ChoiceState]) -> dict:
 
 class _Stream:
     """Common streaming loop: events -> chunks; every stream ends with its last chunk or an error event,
-    then [DONE]. `close` is idempotent and also called by the route once the response is over, so a
-    stream that never started still leaves the shutdown lifecycle."""
+    then [DONE]. The request's owner (the watch's guard: a Generation handed over to this body) is ended
+    when the generator ends, however it ends, or by `close`, which the route calls once the response is
+    over (so a stream that never started still ends its request; later calls do nothing)."""
 
     def __init__(self, run: Run, plan: Plan, r: Renderer, states: list[ChoiceState], watch: Watch,
                  tracker: Tracker) -> None:
-        self.run, self.plan, self.r, self.states, self.watch = run, plan, r, states, watch
-        self.tracker = tracker
+        self.run, self.plan, self.r, self.states = run, plan, r, states
+        self.life: Guard = watch.guard
+        self.life.own(run, watch, tracker)
 
     async def events(self) -> AsyncIterator[str]:
         """The SSE data payloads, ending with [DONE]; tokens that arrived together share a chunk."""
@@ -250,34 +226,23 @@ class _Stream:
             if self.plan.include_usage:
                 yield dumps(self.usage_chunk(_usage(self.plan, self.states)))
             ended = None
-        except APIError as exc:
-            self.run.cancel()
-            ended = exc
-            yield dumps(exc.body())
-        except Exception as exc:  # a bug must still end the stream with an error event and [DONE]
-            log.exception("stream failed", exc_info=exc)
-            self.run.cancel()
-            ended = internal_error()
+        except Exception as exc:  # an engine failure, the shutdown cut or a bug: an error event, then [DONE]
+            ended = self.life.failure(exc)
             yield dumps(ended.body())
         finally:
-            self.close(ended)
+            self.life.finish(ended)
         yield "[DONE]"
 
-    def close(self, ended: BaseException | None = CLOSED) -> None:
-        """Stop the jobs and the watch, count the tokens, record the outcome (first call counts)."""
-        self.watch.stop()
-        self.run.cancel()
-        self.tracker.close()
-        guard = self.watch.guard
-        guard.end(guard.outcome_of(ended))
+    def close(self) -> None:
+        """End the request if the stream did not (the first end counts)."""
+        self.life.finish(CLOSED)
 
     def _batch(self, batch: list[tuple[int, object]]) -> list[str]:
         """Apply a batch of events; one delta chunk per choice (plus its finish chunk)."""
         texts: dict[int, list[str]] = {}
         finished: list[int] = []
         for index, event in batch:
-            self.watch.check(event)
-            self.tracker.see(index, event)
+            self.life.see(index, event)
             state = self.states[index]
             was_open = state.finish_reason is None
             texts.setdefault(index, []).append(_apply(self.run, state, event))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -11,13 +12,14 @@ import numpy as np
 from . import graph as graphs
 from . import lib
 from .lib import ggml
-from .kvcache import kv_bytes, new_cache
+from .kvcache import new_cache
+from .memory import (DEFAULT_KV_TYPE, MAX_GRAPHS, PREFILL_CHUNK, EngineMemory, engine_context, engine_memory,
+                     kv_text)
 from .weights import load_weights
 
 log = logging.getLogger(__name__)
 
 KV_PAD = 32  # attended cache length is rounded up to this, so graphs are reused across steps
-PREFILL_CHUNK = 32  # prompt tokens per graph evaluation
 
 
 @dataclass
@@ -27,9 +29,9 @@ class EngineConfig:
     n_slots: int = 8
     n_ctx: int | None = None  # cached positions per slot; None = the model's context
     threads: int = 2
-    kv_type: str = "f16"
+    kv_type: str = DEFAULT_KV_TYPE
     repack: bool = True
-    max_graphs: int = 16  # graphs kept built (LRU)
+    max_graphs: int = MAX_GRAPHS  # graphs kept built (LRU)
     check_memory: bool = True  # refuse to load when weights + KV cache exceed MemAvailable
 
 
@@ -38,13 +40,15 @@ class BatchedEngine:
 
     def __init__(self, path: str, config: EngineConfig | None = None) -> None:
         self.config = cfg = config or EngineConfig()
+        started = time.perf_counter()
         if cfg.check_memory:
             check_fits(path, cfg)
         self.weights = load_weights(path, repack=cfg.repack)
         info = self.weights.info
         self.n_vocab, self.n_embd, self.n_head = info.n_vocab, info.n_embd, info.n_head
         self.eos_token_id = info.eos_token_id
-        n_ctx = info.n_ctx if cfg.n_ctx is None else min(int(cfg.n_ctx), info.n_ctx)
+        n_ctx = engine_context(info.n_ctx, cfg.n_ctx)
+        kv_started = time.perf_counter()
         try:
             self.cache = new_cache(cfg.n_slots, n_ctx, info.n_layer, info.n_head, info.n_embd // info.n_head,
                                    cfg.kv_type)
@@ -53,8 +57,9 @@ class BatchedEngine:
             raise
         self.backend = lib.cpu_backend(cfg.threads)
         self._graphs: OrderedDict[graphs.Shape, graphs.StepGraph] = OrderedDict()
-        log.info("%s; KV cache %d slots x %d positions (%s) = %.1f MiB", self.weights.report.describe(),
-                 cfg.n_slots, n_ctx, cfg.kv_type, self.cache.nbytes / 2**20)
+        now = time.perf_counter()
+        self.report = load_report(self, now - kv_started, now - started)
+        log.info("%s", self.report)
 
     @property
     def n_slots(self) -> int:
@@ -198,14 +203,26 @@ class BatchedEngine:
         return g.read_logits(self.n_vocab)
 
 
-def memory_needed(path: str, config: EngineConfig) -> dict[str, int]:
-    """Weights and KV cache bytes a configuration needs (before loading)."""
+def load_report(engine: BatchedEngine, kv_seconds: float, total_seconds: float) -> str:
+    """What loading cost: the weights (repack timed), the KV cache as slots x positions x type = MiB, times."""
+    c = engine.cache
+    return (f"{engine.weights.report.describe()}; KV cache {kv_text(c.n_slots, c.n_ctx, c.kv_type, c.nbytes)} "
+            f"allocated and zeroed in {kv_seconds:.2f} s; engine loaded in {total_seconds:.2f} s")
+
+
+def estimate(path: str, config: EngineConfig) -> EngineMemory:
+    """The memory a configuration needs, from the file's headers (before loading anything)."""
     from backends.ggml.reader import scan_model
 
     info, records, _ = scan_model(path)
-    n_ctx = info.n_ctx if config.n_ctx is None else min(int(config.n_ctx), info.n_ctx)
-    return {"weights": sum(t.nbytes for t in records),
-            "kv_cache": kv_bytes(config.n_slots, n_ctx, info.n_layer, info.n_embd, config.kv_type)}
+    return engine_memory(sum(t.nbytes for t in records), info.n_layer, info.n_embd, info.n_head, info.n_vocab,
+                         info.n_ctx, config.n_slots, config.n_ctx, config.kv_type, graphs=config.max_graphs)
+
+
+def memory_needed(path: str, config: EngineConfig) -> dict[str, int]:
+    """Weights, KV cache and compute-buffer bytes a configuration needs (before loading)."""
+    need = estimate(path, config)
+    return {"weights": need.weights, "kv_cache": need.kv_cache, "compute": need.compute}
 
 
 def available_memory() -> int | None:
@@ -220,14 +237,15 @@ def available_memory() -> int | None:
 
 
 def check_fits(path: str, config: EngineConfig, headroom: float = 0.1) -> dict[str, int]:
-    """Raise MemoryError, saying what to lower, if weights + KV cache (+ headroom) exceed free RAM."""
-    need = memory_needed(path, config)
+    """Raise MemoryError, saying what to lower, if weights + KV cache + compute (+ headroom) exceed free RAM."""
+    need = estimate(path, config)
     avail = available_memory()
-    total = int((need["weights"] + need["kv_cache"]) * (1 + headroom))
+    total = int(need.total * (1 + headroom))
     if avail is not None and total > avail:
         mib = 2**20
         raise MemoryError(
-            f"{path}: needs ~{total / mib:,.0f} MiB (weights {need['weights'] / mib:,.0f} MiB + KV cache "
-            f"{need['kv_cache'] / mib:,.0f} MiB for {config.n_slots} slots, {config.kv_type}, +{headroom:.0%}) "
-            f"but only {avail / mib:,.0f} MiB is available: lower the number of slots or the context per slot")
-    return need
+            f"{path}: needs ~{total / mib:,.0f} MiB (weights {need.weights / mib:,.0f} MiB + KV cache "
+            f"{need.kv_text()} + compute {need.compute / mib:,.0f} MiB, +{headroom:.0%}) but only "
+            f"{avail / mib:,.0f} MiB is available: lower the number of slots (`parallel`) or the context per "
+            f"slot (`context_length`)")
+    return {"weights": need.weights, "kv_cache": need.kv_cache, "compute": need.compute}

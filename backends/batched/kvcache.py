@@ -43,11 +43,6 @@ class KVCache:
             self._ctx = 0
 
 
-def kv_bytes(n_slots: int, n_ctx: int, n_layer: int, n_embd: int, kv_type: str = "f16") -> int:
-    """Memory a cache of this shape needs (K and V)."""
-    return 2 * n_layer * n_slots * n_ctx * n_embd * (2 if kv_type == "f16" else 4)
-
-
 def new_cache(n_slots: int, n_ctx: int, n_layer: int, n_head: int, head_dim: int, kv_type: str = "f16") -> KVCache:
     """Allocate a zeroed cache (zeros keep never-written positions finite under the mask)."""
     if kv_type not in KV_TYPES:

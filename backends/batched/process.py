@@ -1,7 +1,7 @@
 """The batched engine's process loop: one BatchedEngine serving many jobs, over backends.worker's pipe protocol.
 
 Messages in:  ("job", GenerationJob) | ("cancel", job_id) | ("exit", None)
-Messages out: ("ready", ModelLimits) | ("load_failed", str) | events (plain Tokens as
+Messages out: ("ready", ModelLimits, load report str) | ("load_failed", str) | events (plain Tokens as
 backends.worker.pack_tokens bytes, everything else pickled), so the pool can drive either process.
 
 Each turn drains every pending message without blocking, then runs one scheduler step (plan_step,
@@ -48,7 +48,8 @@ def batched_main(conn: Connection, path: str, slots: int, threads: int, chunk: i
         conn.send(("load_failed", f"{type(exc).__name__}: {exc}"))
         return
     try:
-        conn.send(("ready", ModelLimits(engine.n_ctx, engine.n_vocab, engine.eos_token_id)))
+        # the load report goes to the server, which logs it (this process logs only warnings by default)
+        conn.send(("ready", ModelLimits(engine.n_ctx, engine.n_vocab, engine.eos_token_id), engine.report))
         code = serve(conn, engine, Tokenizer(pieces), pieces, chunk, progress)
     except (_PipeGone, BrokenPipeError, EOFError, OSError):
         code = 0

@@ -210,12 +210,12 @@ class Scheduler:
         if seq is not None and seq.state == PREFILL and len(self.slots[seq.slot].tokens) == len(seq.prompt):
             self.prefilling.remove(seq)
             seq.state = RUNNING
+            self.emit(Started(seq.job.job_id, len(seq.prompt), seq.cached))  # as ctransformers: then the check
             if not np.isfinite(chunk_logits).all():
                 self.slots[seq.slot].tokens.clear()
                 self._retire(seq, Failed(seq.job.job_id, ErrorKind.INTERNAL, NON_FINITE))
                 return
             seq.deadline = None if seq.job.time_limit is None else self.clock() + seq.job.time_limit
-            self.emit(Started(seq.job.job_id, len(seq.prompt), seq.cached))
             self._advance(seq, chunk_logits)
 
     # internals

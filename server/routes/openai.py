@@ -7,7 +7,6 @@ from contextlib import aclosing
 from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse
 from sse_starlette.sse import AppStatus
-from starlette.background import BackgroundTask
 
 from server.errors import JSONBody
 from server.protocol import (
@@ -74,8 +73,22 @@ def _respond(result) -> JSONBody | EventSourceResponse:
     if isinstance(result, dict):
         return JSONBody(result)
     # no send timeout here: a client that does not read is handled by the HTTP layer (server/serve.py)
-    return EventSourceResponse(_sse(result.events()), ping=15, send_timeout=None,
-                               background=BackgroundTask(_close, result))
+    return _StreamResponse(result, _sse(result.events()), ping=15, send_timeout=None)
+
+
+class _StreamResponse(EventSourceResponse):
+    """An SSE response that ends its request however the response ends: sent, failed or cancelled, and
+    also when its body never started (the stream's close is idempotent)."""
+
+    def __init__(self, stream, content, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.stream = stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.stream.close()
 
 
 async def _sse(payloads):
@@ -85,11 +98,6 @@ async def _sse(payloads):
     async with aclosing(payloads):
         async for data in payloads:
             yield f"data: {data}\r\n\r\n".encode()
-
-
-async def _close(stream) -> None:
-    """After the response: a stream that never started still ends its request (idempotent otherwise)."""
-    stream.close()
 
 
 def _lifecycle(request: Request):

@@ -10,7 +10,7 @@ from tests.batched import require_ggml
 require_ggml()
 
 from backends.batched import BatchedEngine, EngineConfig, memory_needed  # noqa: E402
-from backends.batched.kvcache import kv_bytes  # noqa: E402
+from backends.batched.memory import kv_cache_bytes as kv_bytes  # noqa: E402
 from tests.models import write_random  # noqa: E402
 
 

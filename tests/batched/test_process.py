@@ -115,8 +115,9 @@ def check_greedy(events: list, prompt_ids: list[int]) -> None:
 
 
 def test_jobs_cancel_and_exit(proc):
-    kind, limits = proc.recv(60)
+    kind, limits, report = proc.recv(60)
     assert kind == "ready" and limits == ModelLimits(N_CTX, len(proc.vocab), EOS_ID)
+    assert f"KV cache 4 slots x {N_CTX} positions x f16 = " in report, report
     tok = Tokenizer(proc.vocab)
     prompts = {1: "a", 2: "Then 0", 3: "c", 4: "\n", 5: [ord("k")], 6: "x y f"}
     ids = {j: (tok.encode(p) if isinstance(p, str) else p) for j, p in prompts.items()}

@@ -209,3 +209,59 @@ def test_image_layout_serves_and_health_check_works(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---- the batched engine in the image ---------------------------------------------------------------
+
+# Shared libraries python:*-slim already carries (apt itself links them), by soname.
+SLIM_HAS = {"libc.so.6", "libm.so.6", "libstdc++.so.6", "libgcc_s.so.1", "libpthread.so.0", "libdl.so.2"}
+# Debian package of the other sonames libggml may link.
+DEBIAN_PACKAGE = {"libgomp.so.1": "libgomp1"}
+COMPILERS = ("build-essential", "gcc", "g++", "cmake", "clang", "make")
+
+
+def _apt_installs(stage: list[tuple[str, str]]) -> set[str]:
+    """Packages a stage's RUN lines install with apt-get."""
+    names: set[str] = set()
+    for instr, args in stage:
+        if instr == "RUN":
+            for cmd in re.findall(r"apt-get install ([^&;|]+)", args):
+                names.update(t.split("=")[0] for t in shlex.split(cmd) if not t.startswith("-"))
+    return names
+
+
+def test_the_builder_compiles_the_batched_extra_for_any_x86_64_with_avx2():
+    """ggml-python (the `batched` extra) is an sdist built with cmake: the builder has the tools, installs
+    the extra, and builds ggml for a portable CPU level rather than -march=native of the build machine."""
+    builder = stages()[0]
+    assert {"build-essential", "cmake"} <= _apt_installs(builder), _apt_installs(builder)
+    runs = " ".join(a for i, a in builder if i == "RUN")
+    assert re.search(r'pip install [^&]*"\.\[batched\]"', runs), runs
+    assert 'CMAKE_ARGS="${GGML_CMAKE_ARGS}"' in runs, runs
+    args = dict(a.split("=", 1) for i, a in builder if i == "ARG" and "=" in a)
+    cmake_args = shlex.split(shlex.split(args["GGML_CMAKE_ARGS"])[0])
+    assert "-DGGML_NATIVE=OFF" in cmake_args and "-DGGML_AVX2=ON" in cmake_args, cmake_args
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    pinned = re.search(r'^GGML_PYTHON_VERSION = "([^"]+)"', (ROOT / "backends/batched/lib.py").read_text(), re.M)
+    assert re.search(rf'^batched = \["ggml-python=={re.escape(pinned.group(1))}"\]', pyproject, re.M)
+
+
+def test_the_final_stage_has_the_runtime_libraries_of_libggml_and_no_compiler():
+    """Every library the built libggml links (ldd on the one installed here) is in python slim or installed
+    by the final stage (libgomp1: ggml's OpenMP threads); no compiler reaches the final image."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ggml")  # located, not imported (it would load libggml globally)
+    assert spec is not None and spec.origin, "ggml-python is missing (pip install ggml-python==0.0.45)"
+    libs = sorted((Path(spec.origin).parent / "lib").glob("libggml*.so"))
+    assert libs, Path(spec.origin).parent
+    needed: set[str] = set()
+    for lib in libs:
+        out = subprocess.run(["ldd", str(lib)], capture_output=True, text=True, check=True).stdout
+        needed.update(m.group(1) for m in re.finditer(r"^\s*(\S+\.so[.\d]*) =>", out, re.M))
+    needed = {n for n in needed if not n.startswith("libggml") and n not in SLIM_HAS}
+    assert needed <= set(DEBIAN_PACKAGE), f"libggml links {needed - set(DEBIAN_PACKAGE)}: add its package"
+    installed = _apt_installs(stages()[-1])
+    assert {DEBIAN_PACKAGE[n] for n in needed} <= installed, (needed, installed)
+    assert not installed & set(COMPILERS), installed
+    assert not any(i == "COPY" and "--from=" in a and "/opt/venv" not in a for i, a in stages()[-1])

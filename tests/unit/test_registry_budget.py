@@ -11,7 +11,7 @@ from backends import registry_budget
 from backends.ggml.reader import inspect_model
 from backends.registry import RegistryError, resolve
 from backends.registry_budget import WORKER_OVERHEAD, kv_cache_bytes, machine_memory, worker_bytes
-from tests.models import write_successor
+from tests.models import write_random, write_successor
 
 
 def many(tmp_path: Path, n: int, workers: int = 1) -> Path:
@@ -78,3 +78,65 @@ def test_gpt_j_6b_estimate():
     info = SimpleNamespace(n_layer=28, n_ctx=2048, n_embd=4096, file_size=3_407_121_945)
     assert kv_cache_bytes(info) == 896 * 2**20
     assert worker_bytes(info) == 3_407_121_945 + 896 * 2**20 + WORKER_OVERHEAD
+
+
+GGML_ENTRY = "models:\n  - {{id: big, path: big.bin, engine: ggml, threads: 1{extra}}}\n"
+
+
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory) -> Path:
+    """n_ctx 2048, n_embd 512, 8 layers: 32 MiB of f16 KV cache per slot at the full context."""
+    return write_random(tmp_path_factory.mktemp("big") / "big.bin", n_ctx=2048, n_embd=512, n_layer=8, seed=3)
+
+
+def ggml_registry(tmp_path: Path, big: Path, extra: str = "") -> Path:
+    (tmp_path / "big.bin").symlink_to(big)
+    path = tmp_path / "reg.yaml"
+    path.write_text(GGML_ENTRY.format(extra=extra))
+    return path
+
+
+def test_a_ggml_entry_counts_one_kv_cache_per_slot_of_the_served_context(tmp_path, big_model):
+    """parallel 8 at context 2048: 8 x 32 MiB of KV cache, not the one cache a ctransformers worker holds."""
+    path = ggml_registry(tmp_path, big_model, ", parallel: 8")
+    info = inspect_model(big_model)
+    one_cache = info.file_size + kv_cache_bytes(info) + WORKER_OVERHEAD  # what a worker of one slot needs
+    assert one_cache < 200 * 2**20
+    with pytest.raises(RegistryError) as err:
+        resolve(path, memory_budget_mb=200)
+    message = str(err.value)
+    assert "KV cache 8 slots x 2048 positions x f16 = 256.0 MiB" in message, message
+    assert "Lower `workers`, or `parallel` or `context_length` of engine: ggml entries" in message, message
+    served = resolve(path, memory_budget_mb=1000).served[0]
+    kv = 2 * 8 * 8 * 2048 * 512 * 2
+    compute = 16 * 4 * ((8 + 32) * 2048 * 4 + 4 * 512 * (8 + 32) + 9 * 512)
+    assert registry_budget.process_bytes(served) == info.file_size + kv + compute + WORKER_OVERHEAD
+
+
+def test_a_ggml_entry_is_sized_from_its_context_length(tmp_path, big_model):
+    path = ggml_registry(tmp_path, big_model, ", parallel: 8, context_length: 256")
+    served = resolve(path, memory_budget_mb=200).served[0]  # 8 slots x 256 positions = 32 MiB
+    need = registry_budget.batched_memory(served)
+    assert (need.n_slots, need.n_ctx, need.kv_cache) == (8, 256, 32 * 2**20)
+    assert need.kv_text() == "8 slots x 256 positions x f16 = 32.0 MiB"
+
+
+def test_the_registry_and_the_engine_share_one_formula(tmp_path, big_model):
+    """The engine's own check (backends.batched.engine.estimate) gives the same KV cache and compute."""
+    from backends.batched.memory import engine_memory
+
+    served = resolve(ggml_registry(tmp_path, big_model, ", parallel: 3, context_length: 100"),
+                     memory_budget_mb=1000).served[0]
+    info = served.info
+    assert registry_budget.batched_memory(served) == engine_memory(
+        info.file_size, info.n_layer, info.n_embd, info.n_head, info.n_vocab, info.n_ctx, 3, 100)
+
+
+def test_ctransformers_keeps_one_cache_of_the_files_context(tmp_path, big_model):
+    """ctransformers ignores context_length for GPT-J: its cache is the file's n_ctx, one per worker."""
+    (tmp_path / "big.bin").symlink_to(big_model)
+    path = tmp_path / "reg.yaml"
+    path.write_text("models:\n  - {id: ct, path: big.bin, context_length: 256, threads: 1}\n")
+    served = resolve(path, memory_budget_mb=1000).served[0]
+    assert registry_budget.process_bytes(served) == worker_bytes(served.info)
+    assert kv_cache_bytes(served.info) == 32 * 2**20
