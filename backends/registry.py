@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from backends.ggml.errors import LegacyModelFileError, convert_command, converted_path
 from backends.ggml.reader import ModelFileError, ModelInfo, inspect_model, read_vocab
-from backends.registry_budget import check_budget
+from backends.registry_budget import check_budget, fit_default_slots
 from backends.registry_load import RegistryError, describe_kind, read_yaml, where
 from backends.registry_paths import is_default_registry, locate_registry
 from backends.templates import BUILTIN_TEMPLATES, PromptTemplate
@@ -74,7 +74,7 @@ class ModelSpec(_Strict):
     threads: int | None = Field(None, ge=1, le=256, description="Engine threads per worker; omitted = the "
                                                                  "usable CPUs divided by the workers.")
     batch_size: int = Field(8, ge=1, le=32)
-    engine: Literal["ctransformers", "ggml"] = Field("ctransformers", description="ctransformers: one sequence "
+    engine: Literal["ctransformers", "ggml"] = Field("ggml", description="ctransformers: one sequence "
                                                      "per worker process; ggml: the batched engine, `parallel` "
                                                      "sequences decoded together in each process.")
     parallel: int | None = Field(None, ge=1, le=64, description="Sequences the ggml engine decodes together "
@@ -285,6 +285,7 @@ def resolve(path: Path, create_missing: bool = True, default_threads: int = 0, m
         _check_context(path, idx, spec, info)
         served.append(ServedModel(spec, file, info, template_for(parsed, spec.prompt_template),
                                   tokenizer, engine_threads(spec, default_threads)))
+    served = fit_default_slots(served, memory_budget_mb)
     check_budget(path, served, max_workers, memory_budget_mb)
     _warn_oversubscribed(served, default_threads)
     return Registry(path, list(parsed.models), served, skipped, unavailable, frozenset(absent))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,6 +15,7 @@ if TYPE_CHECKING:
     from backends.ggml.reader import ModelInfo
     from backends.registry import ServedModel
 
+log = logging.getLogger(__name__)
 MiB = 1 << 20
 # RSS of a worker beyond its weights and KV cache: Python, ctransformers and ggml's buffers. Measured on a
 # demo-model worker (0.3 MiB file, 2 MiB KV cache): 51 MiB loaded and idle, 55 MiB peak after a full
@@ -115,6 +118,41 @@ def _size(n: float) -> str:
     return f"{n / MiB:.0f} MiB" if n >= MiB else f"{n / 1024:.0f} KiB"
 
 
+def _budget(memory_budget_mb: int | None) -> tuple[int | None, str]:
+    """(bytes, source) of the memory budget; None when unchecked or unknown."""
+    if memory_budget_mb is None:
+        return None, ""
+    if memory_budget_mb:
+        return memory_budget_mb * MiB, "--memory-budget-mb"
+    return machine_memory()
+
+
+def fit_default_slots(served: list[ServedModel], memory_budget_mb: int | None) -> list[ServedModel]:
+    """Lower the slots of engine: ggml entries that do not set `parallel` (default 8) until the served models
+    fit the memory budget, halving them together down to 1; entries that set `parallel` are never changed
+    (check_budget refuses them if they do not fit)."""
+    budget, source = _budget(memory_budget_mb)
+    defaulted = [m for m in served if m.spec.engine == "ggml" and m.spec.parallel is None]
+    if budget is None or not defaulted:
+        return served
+    slots = defaulted[0].spec.slots
+    lowered = {id(m) for m in defaulted}
+
+    def with_slots(n: int) -> list[ServedModel]:
+        return [replace(m, spec=m.spec.model_copy(update={"parallel": n})) if id(m) in lowered else m
+                for m in served]
+
+    fitted = with_slots(slots)
+    while slots > 1 and sum(m.spec.workers * process_bytes(m) for m in fitted) > budget:
+        slots //= 2
+        fitted = with_slots(slots)
+    if slots < defaulted[0].spec.slots:
+        log.warning("parallel %d (not the default %d) for %s: that is what fits in the memory budget of %s (%s); "
+                    "set `parallel` to choose", slots, defaulted[0].spec.slots,
+                    ", ".join(m.spec.id for m in defaulted), _size(budget), source)
+    return fitted
+
+
 def check_budget(path: Path, served: list[ServedModel], max_workers: int | None,
                  memory_budget_mb: int | None) -> None:
     """RegistryError when the served entries need more than max_workers workers or memory_budget_mb.
@@ -127,14 +165,9 @@ def check_budget(path: Path, served: list[ServedModel], max_workers: int | None,
             f"{path}: the served models need {workers:,} worker processes in all, more than max_workers "
             f"({max_workers:,}); lower `workers` in the registry, remove entries, or raise --max-workers "
             f"(env GPT4ALL_J_MAX_WORKERS)")
-    if memory_budget_mb is None or not served:
-        return
-    if memory_budget_mb:
-        budget, source = memory_budget_mb * MiB, "--memory-budget-mb"
-    else:
-        budget, source = machine_memory()
-        if budget is None:
-            return  # the machine's memory is unknown: nothing to compare with
+    budget, source = _budget(memory_budget_mb)
+    if budget is None or not served:
+        return  # unchecked, or the machine's memory is unknown: nothing to compare with
     needs = sorted(((m.spec.workers * process_bytes(m), m) for m in served), key=lambda t: -t[0])
     total = sum(n for n, _ in needs)
     if total <= budget:

@@ -19,9 +19,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from benchmarks.common import ModelDef, _system_busy, busy_share, ensure_model, log
-
-BIG = ModelDef("batched", n_embd=2048, n_layer=16, n_head=16, n_rot=64, vocab="default", n_vocab=50400)
+from benchmarks.common import BIG, _system_busy, busy_share, ensure_model, log
 
 
 class Others:

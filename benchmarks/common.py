@@ -51,6 +51,8 @@ class ModelDef:
 
 TINY = ModelDef("tiny", n_embd=256, n_layer=6, n_head=8, n_rot=16, vocab="default", n_vocab=1024)
 REAL = ModelDef("real", n_embd=1024, n_layer=12, n_head=16, n_rot=32, vocab="gpt2", n_vocab=50400)
+# issue 10's size (GPT-J 6B's cost per token / ~8): the step benchmark and the engines sweep share this file
+BIG = ModelDef("batched", n_embd=2048, n_layer=16, n_head=16, n_rot=64, vocab="default", n_vocab=50400)
 
 
 def ensure_model(mdef: ModelDef) -> tuple[Path, dict]:
@@ -123,10 +125,12 @@ def completion_body(model: str, prompt: str, n: int, eos: int) -> dict:
 # ---- the server under test -------------------------------------------------------------------------
 
 def write_registry(path: Path, entries: list[dict]) -> Path:
-    """A registry YAML with the given model entries (plain template unless set)."""
+    """A registry YAML with the given model entries (plain template, ctransformers unless set: the classic
+    phases compare the server with the raw ctransformers engine)."""
     import yaml
 
-    models = [{"prompt_template": "plain", "sampling": {"temperature": 0}, **e} for e in entries]
+    models = [{"prompt_template": "plain", "sampling": {"temperature": 0}, "engine": "ctransformers", **e}
+              for e in entries]
     path.write_text(yaml.safe_dump({"models": models}, sort_keys=False))
     return path
 
@@ -256,7 +260,7 @@ def post_stream(port: int, path: str, body: dict, timeout: float = 600, collect:
             scanned += data
             lines = scanned.split(b"\n")
             scanned = lines.pop()
-            if any(x.startswith(b"data: {") and _has_text(x[6:], chat) for x in lines):
+            if any(x.startswith(b"data: {") and has_text(x[6:], chat) for x in lines):
                 ttft = time.monotonic() - t0
     total = time.monotonic() - t0
     sock.close()
@@ -301,7 +305,7 @@ def _text(data: bytes, chat: bool) -> str:
     return ((c.get("delta") or {}).get("content") if chat else c.get("text")) or ""
 
 
-def _has_text(data: bytes, chat: bool) -> bool:
+def has_text(data: bytes, chat: bool) -> bool:
     """Whether a chunk carries non-empty text (parsed only until the first one)."""
     return bool(_text(data, chat))
 

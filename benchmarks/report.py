@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from benchmarks import report_engines
+
 
 def _f(x, fmt: str = ".2f") -> str:
     return "n/a" if x is None else format(x, fmt)
@@ -19,16 +21,17 @@ def targets(res: dict) -> list[dict]:
         out.append({"target": name, "value": value, "op": op, "limit": limit, "unit": unit,
                     "pass": ok, "basis": basis})
 
-    real = res.get("single_real", {}).get("derived", {})
-    tiny = res.get("single_tiny", {}).get("derived", {})
-    add("single stream tok/s vs raw (realistic model, streamed)", real.get("stream_ratio"), ">=", 0.98, "x",
-        "median of paired raw/server time ratios")
-    add("server overhead per token (tiny model, 1 worker x 1 thread, streamed)", tiny.get("stream_overhead_us_per_token"), "<=",
-        50, "us", "median of paired (t_server - t_raw) / N")
-    probe = res.get("single_tiny", {}).get("ttft_probe", {})
-    add(f"TTFT overhead (tiny model, {probe.get('prompt_tokens')}-token prompt, streamed)",
-        probe.get("overhead_ms"), "<=", 2, "ms",
-        "median of paired server TTFT - raw time to first text, same prompt per pair")
+    if "single_real" in res:
+        add("single stream tok/s vs raw (realistic model, streamed)", res["single_real"]["derived"]["stream_ratio"],
+            ">=", 0.98, "x", "median of paired raw/server time ratios")
+    if "single_tiny" in res:
+        add("server overhead per token (tiny model, 1 worker x 1 thread, streamed)",
+            res["single_tiny"]["derived"]["stream_overhead_us_per_token"], "<=", 50, "us",
+            "median of paired (t_server - t_raw) / N")
+        probe = res["single_tiny"]["ttft_probe"]
+        add(f"TTFT overhead (tiny model, {probe.get('prompt_tokens')}-token prompt, streamed)",
+            probe.get("overhead_ms"), "<=", 2, "ms",
+            "median of paired server TTFT - raw time to first text, same prompt per pair")
     sw = res.get("sweep", {}).get("derived", {})
     if sw:
         best = sw["ceiling"]["best"]
@@ -69,14 +72,19 @@ def summary(res: dict) -> str:
     """The short table for the README."""
     meta = res["meta"]
     lines = [f"Benchmark ({meta['mode']} run, {meta['date'][:10]}, {meta['cpu']}, {meta['cpus']} CPUs, "
-             f"ctransformers {meta['versions'].get('ctransformers')}; `python -m benchmarks.run`):", "",
-             "| target | measured | goal | result |", "| --- | --- | --- | --- |"]
-    for t in targets(res):
+             f"ctransformers {meta['versions'].get('ctransformers')}; `python -m benchmarks.run`):", ""]
+    rows = targets(res)
+    if rows:
+        lines += ["| target | measured | goal | result |", "| --- | --- | --- | --- |"]
+    for t in rows:
         verdict = "n/a" if t["pass"] is None else ("pass" if t["pass"] else "FAIL")
         fmt = {"x": ".3f", "us": ".0f", "ms": ".1f"}.get(t["unit"], ".2f")
         lines.append(f"| {t['target']} | {_f(t['value'], fmt)} {t['unit']} | {t['op']} {t['limit']:g} {t['unit']} "
                      f"| {verdict} |")
     lines += _diagnostics(res)
+    engines = report_engines.targets_md(res)
+    if engines:
+        lines += ([""] if rows else []) + engines
     noisy = {k: v["foreign_share"] for k, v in res.get("contention", {}).items() if v["foreign_share"] > 0.05}
     if noisy:
         lines += ["", "WARNING: other processes used CPU during the run (share of all CPUs: "
@@ -179,13 +187,16 @@ def markdown(res: dict) -> str:
         out += _sweep_md(res["sweep"])
     if "chat" in res:
         out += _chat_md(res["chat"])
+    out += report_engines.sweep_md(res)
     out += ["## Peer (llama-cpp-python)", ""]
     peer = res.get("peer", {})
     if peer.get("status") == "ok":
         out += ["```json", json.dumps(peer["result"], indent=1, default=str)[:20000], "```", ""]
     else:
         out += [f"Not run: {peer.get('status')}: {peer.get('error')}", ""]
-    out += ["Plots: sweep_throughput.png, sweep_ttft.png, chat_ttft.png.", ""]
+    if "plots" in res:
+        plots_ = res["plots"]
+        out += [f"Plots: {', '.join(plots_) if isinstance(plots_, list) else plots_}.", ""]
     return "\n".join(out)
 
 
@@ -197,6 +208,10 @@ def plots(res: dict, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     written = []
+    prefix = ""
+    if res.get("engines"):  # sweep_*.png show both engines; the issue 4 pool sweep moves to pool_sweep_*.png
+        written += report_engines.plots(res, out, plt)
+        prefix = "pool_"
     sw = res.get("sweep")
     if sw:
         d, levels = sw["derived"], sw["levels"]
@@ -211,7 +226,7 @@ def plots(res: dict, out: Path) -> list[str]:
         ax.set_xticks(levels, [str(k) for k in levels])
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "sweep_throughput.png", dpi=110)
+        fig.savefig(out / f"{prefix}sweep_throughput.png", dpi=110)
         plt.close(fig)
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for shape in sw["shapes"]:
@@ -223,9 +238,9 @@ def plots(res: dict, out: Path) -> list[str]:
         ax.set_xticks(levels, [str(k) for k in levels])
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "sweep_ttft.png", dpi=110)
+        fig.savefig(out / f"{prefix}sweep_ttft.png", dpi=110)
         plt.close(fig)
-        written += ["sweep_throughput.png", "sweep_ttft.png"]
+        written += [f"{prefix}sweep_throughput.png", f"{prefix}sweep_ttft.png"]
     ch = res.get("chat")
     if ch:
         d = ch["derived"]
@@ -249,6 +264,7 @@ def write_all(res: dict, out: Path) -> str:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     res["targets"] = targets(res)
+    res["engine_targets"] = report_engines.engine_targets(res)
     try:
         res["plots"] = plots(res, out)
     except Exception as exc:  # a missing matplotlib must not lose the measurements

@@ -1,10 +1,12 @@
 """The benchmark: our server against the raw engine, measured in the same run (issue 4).
 
-    python -m benchmarks.run [--quick] [--peer]
+    python -m benchmarks.run [--quick] [--peer] [--only engines]
 
 Single stream (tiny and realistic model), a concurrency sweep for two pool shapes with the raw ceiling,
-multi-turn chat TTFT with prefix reuse on and off, and optionally the llama-cpp-python peer. Every figure
-that is compared is a ratio of two things measured in this run, alternating (ABAB), with medians.
+multi-turn chat TTFT with prefix reuse on and off, both engines (ctransformers pools and the batched ggml
+engine) through the server on a 2048 x 16 q4_0 file (benchmarks.engines), and optionally the
+llama-cpp-python peer. Every figure that is compared is a ratio of two things measured in this run,
+alternating (ABAB), with medians.
 Writes benchmarks/results/{results.json,results.md,summary.md,*.png}.
 """
 
@@ -17,22 +19,23 @@ import random
 import signal
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
 
 from benchmarks import common as c
+from benchmarks.clients import client_level
 from benchmarks.raw import RawEngine, RawProcs, sequential
 
 LEVELS = [1, 2, 4, 8, 16]
 CEILING_AT = 8
 PROFILES = {  # tokens x reps for single streams; per-level request counts for the sweep
     "quick": {"tiny": (256, 5), "real": (48, 3), "sweep_tokens": 24, "per_client": 1, "min_requests": 2,
-              "sweep_reps": 1, "chat_reps": 1, "chat_answer": 16, "chat_user_words": 60, "turns": 5, "ttft_reps": 10},
+              "sweep_reps": 1, "chat_reps": 1, "chat_answer": 16, "chat_user_words": 60, "turns": 5, "ttft_reps": 10,
+              "join_probes": 3},
     "full": {"tiny": (512, 11), "real": (96, 7), "sweep_tokens": 48, "per_client": 1, "min_requests": 4,
              "sweep_reps": 2, "chat_reps": 3, "chat_answer": 32, "chat_user_words": 80, "turns": 5,
-             "ttft_reps": 25},
+             "ttft_reps": 25, "join_probes": 7},
 }
 class CPU:
     """CPU seconds of this process (client or raw engine), the server process and its workers."""
@@ -127,40 +130,6 @@ def derive_single(rows: dict[str, list[dict]], n: int) -> dict:
     sdec = [((n - 1) / (r["total"] - r["ttft"])) for r in rows["stream"]]
     out["stream_decode_ratio"] = c.median([b / a for a, b in zip(dec, sdec)])
     return out
-
-
-def client_level(port: int, model_id: str, clients: int, per_client: int, n: int, eos: int,
-                 prompts: c.Prompts) -> dict:
-    """`clients` streaming clients at once, each sending per_client requests back to back."""
-    work = [prompts.many(per_client) for _ in range(clients)]
-    results: list[dict] = []
-    errors: list[str] = []
-    barrier = threading.Barrier(clients)
-    lock = threading.Lock()
-
-    def client(mine: list[str]) -> None:
-        barrier.wait()
-        for p in mine:
-            try:
-                r = c.post_stream(port, "/v1/completions", c.completion_body(model_id, p, n, eos))
-            except Exception as exc:  # recorded, not fatal: a sweep should finish
-                with lock:
-                    errors.append(repr(exc))
-                continue
-            with lock:
-                results.append(r)
-
-    threads = [threading.Thread(target=client, args=(w,)) for w in work]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    start = min(r["t0"] for r in results)
-    end = max(r["t0"] + r["total"] for r in results)
-    tokens = sum(r["usage"]["completion_tokens"] for r in results)
-    return {"clients": clients, "requests": len(results), "errors": errors, "tokens": tokens,
-            "seconds": end - start, "tok_s": tokens / (end - start),
-            "ttft": [r["ttft"] for r in results], "latency": [r["total"] for r in results]}
 
 
 def sweep(port: int, shapes: dict[str, str], path: Path, n: int, per_client: int, min_requests: int,
@@ -327,61 +296,111 @@ def batching_off(results: dict, contention: dict, tiny: Path, tmp: Path, prof: d
         c.stop(server)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run every phase and write the results."""
-    from benchmarks import report
+def classic(results: dict, contention: dict, prof: dict, tmp: Path, prompts: c.Prompts) -> None:
+    """Issue 4's phases: single streams, the pool sweep with the raw ceiling, chat, token batching off."""
+    tiny, tiny_meta = c.ensure_model(c.TINY)
+    real, real_meta = c.ensure_model(c.REAL)
+    results["models"] |= {"tiny": tiny_meta, "real": real_meta}
+    eos_real = c.eos_id(real)
+    registry = c.write_registry(tmp / "registry.yaml", registry_entries(tiny, real))
+    c.log("starting the server")
+    server = c.start(registry, tmp / "server.log")
+    port, pid = c.port_of(server), server.proc.pid
+    try:
+        # The tiny model's headline is 1 worker x 1 thread vs the raw engine on 1 thread: the server's
+        # own per-token cost. tiny_2t (1 x 2 vs raw 2 threads) shows ggml's two spinning threads
+        # competing with the server and the client for 2 cores.
+        for name, model_id, threads in (("tiny", "tiny-1x1", 1), ("tiny_2t", "tiny-1x2", 2),
+                                        ("real", "real-1x2", 2)):
+            path = real if name == "real" else tiny
+            run_single(results, contention, name, port, pid, model_id, path, threads, prof, prompts)
+        c.log("concurrency sweep")
+        with c.Contention() as busy:
+            results["sweep"] = sweep(port, {"1x2": "real-1x2", "2x1": "real-2x1"}, real,
+                                     prof["sweep_tokens"], prof["per_client"], prof["min_requests"],
+                                     prof["sweep_reps"], prompts)
+        contention["sweep"] = busy.result
+        c.log(f"multi-turn chat (other processes during the sweep: {busy.result})")
+        with c.Contention() as busy:
+            results["chat"] = chat(port, {"on": "chat-on", "off": "chat-off"}, eos_real, prof["turns"],
+                                   prof["chat_reps"], prof["chat_answer"], prof["chat_user_words"])
+        contention["chat"] = busy.result
+        c.log(f"other processes during the chat: {busy.result}")
+    finally:
+        c.stop(server)
+        lines = server.logs().splitlines()
+        results["server_log_problems"] = [x for x in lines if "WARNING" in x or "ERROR" in x
+                                          or "Traceback" in x][-30:]
+    batching_off(results, contention, tiny, tmp, prof, prompts)
 
+
+def engines(results: dict, contention: dict, prof: dict, tmp: Path, prompts: c.Prompts) -> None:
+    """Both engines through the server on the 2048 x 16 q4_0 file (issue 10)."""
+    from benchmarks.engines import run_engines
+
+    c.log("engines: ctransformers pools vs the batched engine")
+    results["engines"] = run_engines(prof, tmp, prompts)
+    results["models"]["big"] = results["engines"]["model"]
+    contention["engines"] = results["engines"]["contention"]
+    c.log(f"other processes during the engines sweep: {contention['engines']}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer reps, shorter generations (~2 min)")
+    ap.add_argument("--quick", action="store_true", help="fewer reps, shorter generations")
     ap.add_argument("--peer", action="store_true", help="also run the llama-cpp-python peer comparison")
+    ap.add_argument("--only", choices=["engines", "classic"], default=None,
+                    help="run only the engines sweep (issue 10) or only the other phases (issue 4)")
     ap.add_argument("--out", type=Path, default=c.RESULTS, help="results folder")
     ap.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                     help="first wait up to this long for the CPUs to be at least 90%% idle")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+DERIVED = {"meta", "targets", "engine_targets", "plots", "peer"}  # rebuilt by every run
+
+
+def keep_other_sections(results: dict, previous: Path) -> None:
+    """With --only: carry over the sections this run did not measure from the previous results.json, so the
+    report keeps them (meta.sections_from says which run each came from)."""
+    try:
+        old = json.loads(previous.read_text())
+    except (OSError, ValueError):
+        return
+    carried = [k for k in old if k not in results and k not in DERIVED]
+    for k in carried:
+        results[k] = old[k]
+    for k, v in old.get("contention", {}).items():
+        results["contention"].setdefault(k, v)
+    for k, v in old.get("models", {}).items():
+        results["models"].setdefault(k, v)
+    if old.get("peer", {}).get("status") != "skipped" and results["peer"].get("status") == "skipped":
+        results["peer"], carried = old["peer"], carried + ["peer"]
+    results["meta"]["sections_from"] = {"this run": sorted(set(results) - set(carried) - DERIVED),
+                                        old.get("meta", {}).get("date", "previous run"): sorted(carried)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the phases asked for and write the results."""
+    from benchmarks import report
+
+    args = parse_args(argv)
     busy_before = wait_quiet(args.wait_quiet)
     prof = PROFILES["quick" if args.quick else "full"]
     started = time.monotonic()
     results: dict = {"meta": c.metadata() | {"mode": "quick" if args.quick else "full", "profile": prof,
-                                             "cpu_busy_share_before": round(busy_before, 3)}}
-    tiny, tiny_meta = c.ensure_model(c.TINY)
-    real, real_meta = c.ensure_model(c.REAL)
-    results["models"] = {"tiny": tiny_meta, "real": real_meta}
-    eos_real = c.eos_id(real)
+                                             "only": args.only, "cpu_busy_share_before": round(busy_before, 3)},
+                     "models": {}}
     prompts = c.Prompts()
     contention: dict = {}
     results["contention"] = contention
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the server is stopped on SIGTERM too
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        registry = c.write_registry(Path(tmp) / "registry.yaml", registry_entries(tiny, real))
-        c.log("starting the server")
-        server = c.start(registry, Path(tmp) / "server.log")
-        port, pid = c.port_of(server), server.proc.pid
-        try:
-            # The tiny model's headline is 1 worker x 1 thread vs the raw engine on 1 thread: the server's
-            # own per-token cost. tiny_2t (1 x 2 vs raw 2 threads) shows ggml's two spinning threads
-            # competing with the server and the client for 2 cores.
-            for name, model_id, threads in (("tiny", "tiny-1x1", 1), ("tiny_2t", "tiny-1x2", 2),
-                                            ("real", "real-1x2", 2)):
-                path = real if name == "real" else tiny
-                run_single(results, contention, name, port, pid, model_id, path, threads, prof, prompts)
-            c.log("concurrency sweep")
-            with c.Contention() as busy:
-                results["sweep"] = sweep(port, {"1x2": "real-1x2", "2x1": "real-2x1"}, real,
-                                         prof["sweep_tokens"], prof["per_client"], prof["min_requests"],
-                                         prof["sweep_reps"], prompts)
-            contention["sweep"] = busy.result
-            c.log(f"multi-turn chat (other processes during the sweep: {busy.result})")
-            with c.Contention() as busy:
-                results["chat"] = chat(port, {"on": "chat-on", "off": "chat-off"}, eos_real, prof["turns"],
-                                       prof["chat_reps"], prof["chat_answer"], prof["chat_user_words"])
-            contention["chat"] = busy.result
-            c.log(f"other processes during the chat: {busy.result}")
-        finally:
-            c.stop(server)
-            lines = server.logs().splitlines()
-            results["server_log_problems"] = [x for x in lines if "WARNING" in x or "ERROR" in x
-                                              or "Traceback" in x][-30:]
-        batching_off(results, contention, tiny, Path(tmp), prof, prompts)
+        if args.only != "engines":
+            classic(results, contention, prof, Path(tmp), prompts)
+        if args.only != "classic":
+            engines(results, contention, prof, Path(tmp), prompts)
     if args.peer:
         c.log("peer comparison")
         results["peer"] = peer(args.quick, prof["sweep_tokens"])
@@ -389,6 +408,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["peer"] = {"status": "skipped", "error": "run with --peer"}
     results["meta"]["seconds"] = round(time.monotonic() - started, 1)
     results["meta"]["load_average_end"] = list(os.getloadavg())
+    if args.only:
+        keep_other_sections(results, args.out / "results.json")
     summary = report.write_all(results, args.out)
     print(summary)
     return results

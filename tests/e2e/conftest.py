@@ -36,9 +36,10 @@ models:
     path: {rand}
     prompt_template: plain
     workers: 1
-  - id: slow
+  - id: slow  # one generation at a time and a queue of 1: the queueing tests' model
     path: {slow}
     prompt_template: plain
+    engine: ctransformers
     workers: 1
     max_queue: 1
   - id: absent
@@ -131,6 +132,35 @@ def server(model_files, tmp_path_factory) -> Server:
     srv = start_server(registry, d / "server.log")
     yield srv
     stop_server(srv)
+
+
+def with_engine(registry: str, engine: str) -> str:
+    """The registry text with `engine` set on every entry that does not set one."""
+    out = []
+    for block in registry.split("\n  - id: "):
+        if out and "engine:" not in block:
+            first, _, rest = block.partition("\n")
+            block = f"{first}\n    engine: {engine}\n{rest}"
+        out.append(block)
+    return "\n  - id: ".join(out)
+
+
+@pytest.fixture(scope="session")
+def ct_server(model_files, tmp_path_factory) -> Server:
+    """The same models as `server`, through ctransformers (which stays selectable and tested)."""
+    d = tmp_path_factory.mktemp("ct-server")
+    registry = d / "registry.yaml"
+    text = with_engine(REGISTRY, "ctransformers")
+    registry.write_text(text.format(**{k: str(v) for k, v in model_files.items()}))
+    srv = start_server(registry, d / "server.log")
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(params=["ggml", "ctransformers"])
+def engine_server(request) -> Server:
+    """The session server of each engine (the default batched ggml engine, and ctransformers)."""
+    return request.getfixturevalue("server" if request.param == "ggml" else "ct_server")
 
 
 @pytest.fixture()

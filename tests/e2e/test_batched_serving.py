@@ -174,7 +174,8 @@ def test_streams_of_a_killed_engine_end_with_an_error_and_done(batched_server):
 
 def test_parallel_with_the_ctransformers_engine_is_refused_at_start(tmp_path, model_files):
     registry = tmp_path / "registry.yaml"
-    registry.write_text(f"models:\n  - id: succ\n    path: {model_files['succ']}\n    parallel: 4\n")
+    registry.write_text(f"models:\n  - id: succ\n    path: {model_files['succ']}\n    engine: ctransformers\n"
+                        f"    parallel: 4\n")
     environ = {k: v for k, v in os.environ.items() if not k.startswith("GPT4ALL_J_")}
     done = subprocess.run(
         [sys.executable, "-m", "server", "serve", "--registry", str(registry), "--host", "127.0.0.1",

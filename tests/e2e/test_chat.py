@@ -1,9 +1,17 @@
 """POST /v1/chat/completions over raw HTTP, checked against OpenAI's schemas."""
 
+import httpx
 import pytest
 
 from tests.e2e.sse import stream
 from tests.schemas import usage_counts, validate
+
+
+@pytest.fixture()
+def client(engine_server):
+    """A client of the session server of each engine: these tests run on both."""
+    with httpx.Client(base_url=engine_server.url, timeout=60) as c:
+        yield c
 
 USER = [{"role": "user", "content": "hello"}]
 

@@ -1,4 +1,4 @@
-"""The real OpenAI SDK (sync and async) and LangChain against the live server."""
+"""The real OpenAI SDK (sync and async) and LangChain against the live server (both engines)."""
 
 import asyncio
 
@@ -11,8 +11,8 @@ MSGS = [{"role": "user", "content": "hello"}]
 
 
 @pytest.fixture()
-def sdk(server):
-    return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+def sdk(engine_server):
+    return openai.OpenAI(base_url=engine_server.url, api_key="unused", max_retries=0)
 
 
 def test_sdk_chat_and_completion(sdk):
@@ -47,9 +47,9 @@ def test_sdk_errors_map_to_sdk_exceptions(sdk):
     assert sdk.models.retrieve("succ").id == "succ"
 
 
-def test_async_sdk(server):
+def test_async_sdk(engine_server):
     async def main():
-        client = openai.AsyncOpenAI(base_url=server.url, api_key="unused", max_retries=0)
+        client = openai.AsyncOpenAI(base_url=engine_server.url, api_key="unused", max_retries=0)
         results = await asyncio.gather(*(
             client.chat.completions.create(model="succ", messages=MSGS) for _ in range(4)))
         stream = await client.completions.create(model="succ", prompt="a", max_tokens=3, stream=True)
@@ -62,14 +62,14 @@ def test_async_sdk(server):
     assert text == "bcd"
 
 
-def test_langchain_chat_and_llm(server):
+def test_langchain_chat_and_llm(engine_server):
     from langchain_openai import ChatOpenAI, OpenAI
 
-    chat = ChatOpenAI(model="succ", base_url=server.url, api_key="unused", max_retries=0)
+    chat = ChatOpenAI(model="succ", base_url=engine_server.url, api_key="unused", max_retries=0)
     msg = chat.invoke("hello")
     assert msg.content == "Hi there!"
     assert msg.usage_metadata["output_tokens"] == 3
     assert "".join(part.content for part in chat.stream("hello")) == "Hi there!"
-    llm = OpenAI(model="succ", base_url=server.url, api_key="unused", max_retries=0, max_tokens=5)
+    llm = OpenAI(model="succ", base_url=engine_server.url, api_key="unused", max_retries=0, max_tokens=5)
     assert llm.invoke("x") == "yz"
     assert "".join(llm.stream("x")) == "yz"

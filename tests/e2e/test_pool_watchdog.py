@@ -22,18 +22,22 @@ from tests.models import NO_EOS
 from tests.schemas import validate
 
 
-def _server(model_files, d, workers_env: dict[str, str], max_queue: int = 2):
+ENGINES = {"ctransformers": "engine: ctransformers", "ggml": "engine: ggml, parallel: 1"}  # one slot: same queueing
+
+
+def _server(model_files, d, workers_env: dict[str, str], max_queue: int = 2, engine: str = "ctransformers"):
     model = d / "slow.bin"
     shutil.copy(model_files["slow"], model)
     registry = d / "registry.yaml"
     registry.write_text(f"models:\n  - {{id: slow, path: {model}, prompt_template: plain, workers: 1, "
-                        f"max_queue: {max_queue}}}\n")
+                        f"max_queue: {max_queue}, {ENGINES[engine]}}}\n")
     return start_server(registry, d / "server.log", extra_env=workers_env), model
 
 
-@pytest.fixture(scope="module")
-def stalling(model_files, tmp_path_factory):
-    srv, _ = _server(model_files, tmp_path_factory.mktemp("stall"), {"GPT4ALL_J_WORKER_STALL_TIMEOUT": "2"})
+@pytest.fixture(scope="module", params=sorted(ENGINES))
+def stalling(model_files, tmp_path_factory, request):
+    srv, _ = _server(model_files, tmp_path_factory.mktemp("stall"), {"GPT4ALL_J_WORKER_STALL_TIMEOUT": "2"},
+                     engine=request.param)
     yield srv
     stop_server(srv)
 
@@ -145,7 +149,8 @@ def test_a_model_whose_first_load_times_out_is_retried_and_then_serves(model_fil
     model = tmp_path / "slow.bin"
     shutil.copy(model_files["slow"], model)
     registry = tmp_path / "registry.yaml"
-    registry.write_text(f"models:\n  - {{id: slow, path: {model}, prompt_template: plain, workers: 1}}\n")
+    registry.write_text(f"models:\n  - {{id: slow, path: {model}, prompt_template: plain, workers: 1, "
+                        f"engine: ctransformers}}\n")
     port, log = free_port(), tmp_path / "server.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "GPT4ALL_J_DEFAULT_THREADS": "1", "GPT4ALL_J_LOAD_TIMEOUT": "3"}
     with log.open("w") as out:

@@ -17,7 +17,8 @@ from tests.models import write_random, write_successor
 def many(tmp_path: Path, n: int, workers: int = 1) -> Path:
     write_successor(tmp_path / "m.bin")
     path = tmp_path / "reg.yaml"
-    path.write_text("models:\n" + "".join(f"  - {{id: m{i}, path: m.bin, workers: {workers}, threads: 1}}\n"
+    path.write_text("models:\n" + "".join(f"  - {{id: m{i}, path: m.bin, workers: {workers}, threads: 1, "
+                                          f"engine: ctransformers}}\n"
                                           for i in range(n)))
     return path
 
@@ -136,7 +137,32 @@ def test_ctransformers_keeps_one_cache_of_the_files_context(tmp_path, big_model)
     """ctransformers ignores context_length for GPT-J: its cache is the file's n_ctx, one per worker."""
     (tmp_path / "big.bin").symlink_to(big_model)
     path = tmp_path / "reg.yaml"
-    path.write_text("models:\n  - {id: ct, path: big.bin, context_length: 256, threads: 1}\n")
+    path.write_text("models:\n  - {id: ct, path: big.bin, context_length: 256, threads: 1, engine: ctransformers}\n")
     served = resolve(path, memory_budget_mb=1000).served[0]
     assert registry_budget.process_bytes(served) == worker_bytes(served.info)
     assert kv_cache_bytes(served.info) == 32 * 2**20
+
+
+def test_the_default_parallel_is_lowered_to_what_fits_and_says_so(tmp_path, big_model, caplog):
+    """No `parallel`: 8 slots x 32 MiB do not fit 200 MiB, so the slots halve until they do (the warning
+    says how many and why); the same budget refuses an entry that sets parallel: 8 (test above)."""
+    path = ggml_registry(tmp_path, big_model)
+    assert resolve(path, memory_budget_mb=1000).served[0].spec.slots == 8  # fits: the default
+    with caplog.at_level("WARNING", logger="backends.registry_budget"):
+        served = resolve(path, memory_budget_mb=200).served[0]
+    assert served.spec.slots == 2 and served.spec.parallel == 2
+    assert registry_budget.process_bytes(served) <= 200 * 2**20
+    assert "parallel 2 (not the default 8) for big" in caplog.text and "--memory-budget-mb" in caplog.text
+    with pytest.raises(RegistryError):  # not even one slot fits: refused as before, naming the slot
+        resolve(path, memory_budget_mb=40)
+
+
+def test_gpt4all_j_at_context_2048_needs_about_11_gib_with_8_slots_and_under_8_with_4():
+    """GPT-J 6B q4_0 at context 2048 (896 MiB per slot): 8 slots need ~11 GiB; a 8 GiB budget gets 4."""
+    from backends.batched.memory import engine_memory
+
+    def need(slots: int) -> int:
+        return engine_memory(3_785_248_281, 28, 4096, 16, 50400, 2048, slots, 2048).total + WORKER_OVERHEAD
+
+    assert 10 * 2**30 < need(8) < 12 * 2**30
+    assert need(4) < 8 * 2**30 < need(8)
