@@ -51,7 +51,7 @@ class BatchedEngine:
         kv_started = time.perf_counter()
         try:
             self.cache = new_cache(cfg.n_slots, n_ctx, info.n_layer, info.n_head, info.n_embd // info.n_head,
-                                   cfg.kv_type)
+                                   cfg.kv_type, v_transposed=exact_weights(self.weights))
         except BaseException:
             self.weights.free()
             raise
@@ -126,7 +126,7 @@ class BatchedEngine:
             positions.append(self.cache.lengths[s] + seen[s])
         n_dec = len(decodes)
         out_rows = list(range(n_dec)) + ([len(tokens) - 1] if chunk is not None else [])
-        logits = self._forward(slots, positions, tokens, out_rows)
+        logits = self._forward(slots, positions, tokens, out_rows, n_dec)
         for s, n in wants:
             self.cache.lengths[s] += n
         return logits[:n_dec], (logits[n_dec] if chunk is not None else None)
@@ -179,28 +179,25 @@ class BatchedEngine:
             self._graphs.popitem(last=False)[1].free()
         return g
 
-    def _forward(self, slots: list[int], positions: list[int], tokens: list[int], out: list[int]) -> np.ndarray:
-        """Run one graph over tokens at (slot, position); return logits of the `out` rows."""
+    def _forward(self, slots: list[int], positions: list[int], tokens: list[int], out: list[int],
+                 n_dec: int) -> np.ndarray:
+        """Run one graph over tokens at (slot, position), the first n_dec of them decode tokens of distinct
+        slots, the rest one slot's chunk; return logits of the `out` rows."""
         c = self.cache
         n_kv = min(c.n_ctx, -(-(max(positions) + 1) // KV_PAD) * KV_PAD)
-        g = self._graph(graphs.Shape(len(tokens), n_kv, len(out)))
-        s = np.asarray(slots, dtype=np.int64)
-        p = np.asarray(positions, dtype=np.int64)
-        heads = np.arange(c.n_head, dtype=np.int64)
-        expert = s[:, None] * c.n_head + heads[None, :]  # [T, n_head]
-        dims = np.arange(self.n_embd, dtype=np.int64)
-        g.set_input("tokens", np.asarray(tokens, dtype=np.int32))
-        g.set_input("pos", p.astype(np.int32))
-        g.set_input("k_rows", (expert * c.n_ctx + p[:, None]).reshape(-1))
-        g.set_input("v_rows", ((s[:, None] * self.n_embd + dims[None, :]) * c.n_ctx + p[:, None]).reshape(-1))
-        g.set_input("ids", expert.astype(np.int32))
-        mask = np.where(np.arange(n_kv)[None, :] <= p[:, None], 0.0, -np.inf).astype(np.float32)
-        g.set_input("mask", mask)
-        g.set_input("out_rows", np.asarray(out, dtype=np.int32))
+        n_chunk = len(tokens) - n_dec
+        chunk_slot = slots[n_dec] if n_chunk and not c.v_transposed else -1  # flash views the chunk's slot
+        g = self._graph(graphs.Shape(n_dec, n_chunk, chunk_slot, n_kv, len(out)))
+        graphs.fill_inputs(g, c, slots, positions, tokens, out)
         status = ggml.ggml_backend_graph_compute(self.backend, g.graph)
         if status != 0:
             raise RuntimeError(f"ggml graph compute failed (status {status})")
         return g.read_logits(self.n_vocab)
+
+
+def exact_weights(weights) -> bool:
+    """Whether the matmul weights are f32/f16: such models keep the attention that sums V in f32."""
+    return weights.layers[0].wq.contents.type in (ggml.GGML_TYPE_F32, ggml.GGML_TYPE_F16)
 
 
 def load_report(engine: BatchedEngine, kv_seconds: float, total_seconds: float) -> str:
