@@ -416,3 +416,21 @@ def test_real_core_greedy_through_the_scheduler_equals_each_prompt_alone(tmp_pat
         assert len(want[6]) < max_new  # it stopped at EOS: its last token was evaluated, so all is cached
         assert started.cached_tokens == len(prompts[6]) + len(want[6])
         assert [t for e in events if isinstance(e, Tokens) and e.job_id == 100 for t in e.ids] == alone(turn2)
+
+
+def test_a_long_chunk_is_trimmed_so_decodes_and_chunk_fill_whole_row_tiles():
+    """chunk 32 beside 8 decodes: 24 prompt tokens (32 rows); alone: 32; beside 15: 17; a chunk of at most
+    one tile is never trimmed."""
+    h = Harness(n_slots=4, chunk=32)
+    assert [h.sched.chunk_size(d) for d in (0, 1, 8, 15, 16, 17)] == [32, 31, 24, 17, 32, 31]
+    assert [Harness(chunk=16).sched.chunk_size(d) for d in (0, 3, 8)] == [16, 16, 16]
+    h = Harness(n_slots=2, n_ctx=128, chunk=32)
+    first = h.submit([1, 2], max_tokens=50)
+    h.step()  # the short prompt, alone
+    second = h.submit([1 + i % 40 for i in range(60)], max_tokens=1)
+    plan = h.sched.plan_step()
+    assert len(plan.decodes) == 1 and plan.chunk is not None and len(plan.chunk[1]) == 31, plan
+    rows, last = run_plan(h.core, plan)
+    h.sched.apply((rows, last))
+    h.run()
+    assert h.end(first) is not None and h.end(second) is not None
