@@ -36,8 +36,13 @@ def _finite(value: float) -> float:
 
 
 def token_text(piece: bytes) -> str:
-    """A token as text for logprobs (invalid UTF-8 shown with replacement characters)."""
-    return piece.decode("utf-8", errors="replace")
+    """A token as text for logprobs; one that is not whole UTF-8 (a character split across byte tokens) is
+    written as OpenAI does, `bytes:\\xe2\\x80`, so different byte tokens never share a text (or a
+    top_logprobs key) and the exact bytes can be recovered."""
+    try:
+        return piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in piece)
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
@@ -48,17 +53,17 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 
 
 def completion_logprobs(records: list[TokenRecord], offset: int) -> CompletionLogprobs:
-    """Legacy logprobs: tokens, their logprobs, top alternatives and character offsets."""
+    """Legacy logprobs: tokens, their logprobs, top alternatives and character offsets in the choice's text
+    (`offset`: characters before the generated text, i.e. an echoed prompt; a token that only starts a
+    character has the offset of that character)."""
     tokens, lps, tops, offsets = [], [], [], []
-    pos = offset
     for rec in records:
         lp: TokenLogprob = rec.logprob  # type: ignore[assignment]
         text = token_text(rec.piece)
         tokens.append(text)
         lps.append(_finite(lp.logprob))
         tops.append({token_text(p): _finite(v) for p, v in lp.top})
-        offsets.append(pos)
-        pos += len(text)
+        offsets.append(offset + rec.start)
     return CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets)
 
 

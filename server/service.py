@@ -123,7 +123,6 @@ class InferenceService:
             state = ChoiceState(index, TextAssembler(plan.stops))
             state.prompt_tokens = len(plan.prompts[index // plan.n])
             state.echo = plan.echo_texts[index // plan.n] if plan.echo else ""
-            state.lp_offset = len(state.echo)
             states.append(state)
         return states
 
@@ -175,12 +174,10 @@ def _usage(plan: Plan, states: list[ChoiceState]):
 
 
 def _completion_lp(plan: Plan, s: ChoiceState, records: list, always: bool = False):
-    """Legacy logprobs for released records, advancing the choice's text offset."""
+    """Legacy logprobs for released records (text offsets count an echoed prompt)."""
     if plan.logprobs is None or not (records or always):
         return None
-    lp = completion_logprobs(records, s.lp_offset)
-    s.lp_offset += sum(len(t) for t in lp.tokens)
-    return lp
+    return completion_logprobs(records, len(s.echo))
 
 
 def _completion_body(r: Renderer, plan: Plan, states: list[ChoiceState]) -> dict:

@@ -70,6 +70,7 @@ class TokenRecord:
     piece: bytes
     end: int  # decoded characters after this token
     logprob: object | None = None
+    start: int = 0  # decoded characters before this token (its text offset, without an echoed prompt)
 
 
 @dataclass
@@ -86,13 +87,13 @@ class ChoiceState:
     finish_reason: str | None = None
     text: list[str] = field(default_factory=list)
     echo: str = ""  # the prompt, when the client asked for echo
-    lp_offset: int = 0  # text offset of the next logprobs entry
 
     def add(self, piece: bytes, logprob: object | None) -> str:
         """Feed one token; return the text released by it."""
         self.completion_tokens += 1
+        start = self.assembler.decoded
         delta = self.assembler.feed(piece)
-        self.records.append(TokenRecord(piece, self.assembler.decoded, logprob))
+        self.records.append(TokenRecord(piece, self.assembler.decoded, logprob, start))
         self.text.append(delta)
         return delta
 

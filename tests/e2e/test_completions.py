@@ -125,16 +125,27 @@ def test_n_choices_with_seed(client):
     assert [texts[i] for i in range(3)] == [c["text"] for c in body["choices"]]
 
 
+def token_bytes(token: str) -> bytes:
+    """The bytes of a logprobs token (`bytes:\\xNN...` for partial UTF-8, else the text)."""
+    if token.startswith("bytes:"):
+        return bytes(int(h, 16) for h in token[len("bytes:"):].split("\\x")[1:])
+    return token.encode()
+
+
 def test_logprobs(client):
     body = complete(client, model="rand", prompt="Hello", max_tokens=5, logprobs=2, temperature=0)
     lp = body["choices"][0]["logprobs"]
     n = body["usage"]["completion_tokens"]
     assert n >= 1 and len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == n
-    assert "".join(lp["tokens"]) == body["choices"][0]["text"]
+    # a token that is not whole UTF-8 (a character split across byte tokens) reads `bytes:\xNN...`, as
+    # OpenAI writes it: the tokens' bytes spell the text exactly
+    assert b"".join(token_bytes(t) for t in lp["tokens"]).decode() == body["choices"][0]["text"]
     for tok, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
         assert value <= 0 and len(top) <= 2
         assert max(top.values()) == pytest.approx(value)  # greedy picks the most likely token
     assert lp["text_offset"][0] == 0
+    for i, offset in enumerate(lp["text_offset"]):  # characters before the token (a partial one: before its character)
+        assert offset == len(b"".join(token_bytes(t) for t in lp["tokens"][:i]).decode("utf-8", errors="ignore"))
 
 
 def test_logit_bias_and_penalties(client):

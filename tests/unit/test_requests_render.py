@@ -188,3 +188,13 @@ def test_no_new_generation_once_stopping():
     err, record = asyncio.run(scenario())
     assert err.status == 503 and err.code == "server_shutting_down" and err.headers == {"Retry-After": "3"}
     assert record.outcome == "error:server_shutting_down"
+
+
+def test_a_partial_utf8_token_is_written_as_bytes_and_never_collides():
+    """'ĸ' is c4 b8: its two byte tokens must stay distinct top_logprobs keys (before: both were U+FFFD)."""
+    from server.render import token_text
+
+    assert token_text("ĸ".encode()) == "ĸ" and token_text(b"ab") == "ab"
+    assert token_text(b"\xc4") == "bytes:\\xc4" and token_text(b"\xe2\x80") == "bytes:\\xe2\\x80"
+    lp = completion_logprobs([TokenRecord(b"\xc4", 0, TokenLogprob(-0.5, [(b"\xc4", -0.5), (b"\xb8", -1.0)]))], 0)
+    assert lp.tokens == ["bytes:\\xc4"] and lp.top_logprobs == [{"bytes:\\xc4": -0.5, "bytes:\\xb8": -1.0}]
