@@ -12,6 +12,7 @@ import numpy as np
 
 from backends.budget import ContextOverflow, generation_budget
 from backends.ggml.reader import inspect_model, read_vocab
+from backends.grammar import GrammarError, Matcher, Vocab, grammar_failure, vocab_for
 from backends.types import (
     ErrorKind,
     Failed,
@@ -67,6 +68,7 @@ class Engine:
         self.eos = self._lib.ctransformers_llm_eos_token_id(self._ptr)
         self.context: list[int] = []  # tokens whose keys/values are in the engine's cache
         self.progress = progress  # a shared counter (multiprocessing RawValue) bumped per evaluation
+        self._vocab: Vocab | None = None  # llguidance's view of the vocabulary, built for the first grammar
 
     def beat(self) -> None:
         """Show progress to the server's watchdog (one shared-memory increment)."""
@@ -118,10 +120,13 @@ class Engine:
         data = self._lib.ctransformers_llm_logits_data(self._ptr)
         return np.ctypeslib.as_array(data, shape=(size,))[size - self.n_vocab :]
 
-    def sample(self, params: SamplingParams, step: int) -> int:
-        """Sample the next token with the engine's sampler (greedy as top_k=1, never temperature 0)."""
+    def sample(self, params: SamplingParams, step: int, allowed: int | None = None) -> int:
+        """Sample the next token with the engine's sampler (greedy as top_k=1, never temperature 0);
+        `allowed` (tokens a grammar left finite) caps top_k so no -inf logit is ever a candidate."""
         greedy = params.greedy
         top_k = 1 if greedy else (params.top_k if 0 < params.top_k <= self.n_vocab else self.n_vocab)
+        if allowed is not None:
+            top_k = min(top_k, allowed)
         temperature = 1.0 if greedy else params.temperature
         penalised = params.repetition_penalty != 1.0 and params.last_n_tokens > 0
         last = self.context[-params.last_n_tokens :] if penalised else []
@@ -162,6 +167,11 @@ class Engine:
         """The per-token loop: sample, report, evaluate; stops between tokens when asked."""
         params = job.sampling
         shaping = bool(params.frequency_penalty or params.presence_penalty or params.logit_bias)
+        try:
+            matcher = self._matcher(params)
+        except GrammarError as exc:
+            yield Failed(job.job_id, ErrorKind.INVALID_REQUEST, f"invalid grammar: {exc}")
+            return
         counts: dict[int, int] = {}
         produced = 0
         reason = FinishReason.LENGTH
@@ -174,8 +184,8 @@ class Engine:
             if deadline is not None and time.monotonic() > deadline:
                 timed_out = True
                 break
-            lp = None
-            if shaping or job.logprobs is not None:  # only then is a numpy view of the logits needed
+            lp = allowed = None
+            if shaping or job.logprobs is not None or matcher:  # only then is a numpy view of the logits needed
                 logits = self.logits()
                 if not np.isfinite(logits).all():
                     self.context.clear()
@@ -184,7 +194,12 @@ class Engine:
                 lp = top_logprobs(logits, job.logprobs) if job.logprobs is not None else None
                 if shaping:
                     shape_logits(logits, params, counts)
-            token = self.sample(params, produced)
+                if matcher:  # after the logprobs: they report the model's own probabilities
+                    allowed = matcher.mask(logits)
+                    if matcher.error or not allowed:
+                        yield Failed(job.job_id, ErrorKind.INTERNAL, grammar_failure(matcher))
+                        return
+            token = self.sample(params, produced, allowed)
             if self.is_eos(token):
                 reason = FinishReason.STOP
                 break
@@ -192,9 +207,25 @@ class Engine:
             counts[token] = counts.get(token, 0) + 1
             logprob = None if lp is None else [self._logprob_of(lp, token)]
             yield Tokens(job.job_id, [token], [self.pieces[token]], logprob)
+            if matcher:
+                matcher.accept(token)
+                if matcher.error:
+                    yield Failed(job.job_id, ErrorKind.INTERNAL, grammar_failure(matcher))
+                    return
+                if matcher.done:  # the grammar is complete: nothing but EOS may follow
+                    reason = FinishReason.STOP
+                    break
             if produced < budget:
                 self._eval([token])
         yield Finished(job.job_id, reason, produced, timed_out)
+
+    def _matcher(self, params: SamplingParams) -> Matcher | None:
+        """The grammar matcher of a constrained job (the vocabulary is built once per process), else None."""
+        if params.constraint is None:
+            return None
+        if self._vocab is None:
+            self._vocab = vocab_for(self.pieces, self.eos)
+        return Matcher(params.constraint, self._vocab)
 
     def _logprob_of(self, lp: tuple[np.ndarray, np.ndarray, np.ndarray], token: int) -> TokenLogprob:
         """Package a token's log-probability with the top alternatives."""

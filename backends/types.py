@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from backends.grammar import Constraint
 
 
 class FinishReason(str, Enum):
@@ -37,6 +41,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     seed: int = 0
+    constraint: Constraint | None = None  # structured output: only grammar-allowed tokens are sampled
 
     @property
     def greedy(self) -> bool:

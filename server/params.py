@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from backends.registry import ServedModel
+from backends.grammar import Constraint
 from backends.types import SamplingParams
 from server.errors import APIError, bad_request, shorten, unsupported
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.settings import Settings
+from server.structured import constraint_for
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,10 @@ class Plan:
         return replace(self.sampling, seed=(self.sampling.seed + choice) & 0x7FFFFFFF)
 
 
-def to_sampling(req: CompletionRequest | ChatCompletionRequest, model: ServedModel) -> SamplingParams:
-    """Map sampling fields, falling back to the model's registry defaults."""
+def to_sampling(req: CompletionRequest | ChatCompletionRequest, model: ServedModel,
+                constraint: Constraint | None = None) -> SamplingParams:
+    """Map sampling fields, falling back to the model's registry defaults; `constraint`: the grammar the
+    output must follow (chat's response_format, see server/structured.py)."""
     d = model.spec.sampling
     seed = req.seed if req.seed is not None else secrets.randbits(31)
     return SamplingParams(
@@ -51,6 +55,7 @@ def to_sampling(req: CompletionRequest | ChatCompletionRequest, model: ServedMod
         presence_penalty=req.presence_penalty or 0.0,
         logit_bias=_logit_bias(req.logit_bias or {}, model.info.n_vocab),
         seed=seed & 0x7FFFFFFF,
+        constraint=constraint,
     )
 
 
@@ -239,8 +244,8 @@ def work_size(req: CompletionRequest | ChatCompletionRequest, settings: Settings
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             return size + len(prompt)
         return size + sum(len(p) for p in (prompt or ())[:settings.max_prompts + 1])
-    if len(req.messages) > 256:
-        return BIG_WORK
+    if len(req.messages) > 256 or (req.response_format and req.response_format.type != "text"):
+        return BIG_WORK  # a grammar is compiled (the first one of a model also builds its token trie)
     for m in req.messages:
         content = m.content
         if isinstance(content, str):
@@ -259,7 +264,6 @@ _CHAT_NEUTRAL: dict[str, tuple[Callable[[Any], bool], str]] = {
     "functions": (lambda v: not v, "function calling is not supported"),
     "tool_choice": (lambda v: v in (None, "none"), "tool calling is not supported"),
     "function_call": (lambda v: v in (None, "none"), "function calling is not supported"),
-    "response_format": (lambda v: v is None or v.get("type") == "text", "only {'type': 'text'} is supported"),
     "modalities": (lambda v: v is None or v == ["text"], "only text output is supported"),
     "audio": (lambda v: v is None, "audio output is not supported"),
     "prediction": (lambda v: v is None, "predicted outputs are not supported"),
@@ -287,7 +291,7 @@ def chat_plan(req: ChatCompletionRequest, model: ServedModel, settings: Settings
         value, param = req.max_tokens, "max_tokens"
     max_tokens = _max_tokens(value if value is not None else model.spec.sampling.max_tokens, model, param)
     asked = max_tokens if value is not None else None  # the registry default shrinks to what fits
-    sampling = to_sampling(req, model)
+    sampling = to_sampling(req, model, constraint_for(req.response_format, model))
     text = model.template.render([_message(i, m) for i, m in enumerate(req.messages)], model.spec.system_prompt)
     check_size(text, asked, model, "messages")
     room = model.context_length - (asked if asked is not None else 1)

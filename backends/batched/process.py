@@ -76,14 +76,26 @@ def serve(conn: Connection, engine, tokenizer, pieces, chunk: int, progress=None
 
     def choose(logits, seq):
         job = seq.job
-        got = sample_row(logits, Row(job.sampling, seq.tokens, seq.counts, len(seq.generated), job.logprobs),
-                         pieces)
+        allowed = None if seq.matcher is None else seq.matcher.allowed()
+        got = sample_row(logits, Row(job.sampling, seq.tokens, seq.counts, len(seq.generated), job.logprobs,
+                                     allowed), pieces)
         if got.error is not None:
             raise RuntimeError(got.error)  # the scheduler fails only this sequence
         return got.token, got.logprob
 
+    vocab = None
+
+    def matcher_for(job: GenerationJob):
+        nonlocal vocab
+        if job.sampling.constraint is None:
+            return None
+        from backends.grammar import Matcher, vocab_for
+
+        vocab = vocab or vocab_for(pieces, engine.eos_token_id)  # built for the first grammar, then kept
+        return Matcher(job.sampling.constraint, vocab)
+
     sched = Scheduler(engine.n_slots, engine.n_ctx, engine.eos_token_id, choose, emit, chunk=chunk,
-                      pieces=pieces, n_vocab=engine.n_vocab)
+                      pieces=pieces, n_vocab=engine.n_vocab, matcher_for=matcher_for)
     poller = select.poll()  # one syscall per check; Connection.poll builds a selector every call
     poller.register(conn.fileno(), select.POLLIN)
 

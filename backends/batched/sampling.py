@@ -1,7 +1,8 @@
 """Per-sequence sampling of batched logits in numpy, reproducing ctransformers' GPT-J sampler.
 
 Order (as backends/engine.py + ctransformers 0.2.27 `gpt_sample_top_k_top_p`): logprobs from the raw
-logits; OpenAI frequency/presence penalties then logit_bias on a float32 copy; scale by 1/temperature;
+logits; OpenAI frequency/presence penalties then logit_bias on a float32 copy; a grammar's mask (-inf,
+top_k capped at the allowed count); scale by 1/temperature;
 repetition penalty (x <= 0: multiply, else divide) over the set of the last `last_n_tokens` tokens;
 top_k; softmax (float64); top_p (nucleus, at least one kept, renormalised); a draw from std::mt19937
 seeded with step_seed(seed, step) through libstdc++'s discrete_distribution. Greedy (temperature 0 or
@@ -39,6 +40,7 @@ class Row:
     counts: Mapping[int, int] = field(default_factory=dict)  # generated-token counts (OpenAI penalties)
     step: int = 0  # tokens generated so far (the RNG is reseeded per step)
     logprobs: int | None = None  # top alternatives to report; None = no logprobs
+    allowed: np.ndarray | None = None  # grammar mask [n_vocab] (bool): other tokens are never sampled
 
 
 @dataclass(frozen=True)
@@ -86,12 +88,19 @@ def shape(logits: np.ndarray, params: SamplingParams, counts: Mapping[int, int])
 
 
 def candidates(shaped: np.ndarray, row: Row) -> tuple[np.ndarray, np.ndarray]:
-    """Temperature scaling, repetition penalty and top_k: (ids, scaled logits), best first."""
+    """Grammar mask, temperature scaling, repetition penalty and top_k: (ids, scaled logits), best first."""
     p, n_vocab = row.params, shaped.size
     greedy = p.greedy or np.float32(p.temperature) == 0  # below float32's range ctransformers divides by 0
     top_k = 1 if greedy else (p.top_k if 0 < p.top_k <= n_vocab else n_vocab)
+    if row.allowed is not None:  # as backends.engine: disallowed logits are -inf and never candidates
+        n_allowed = int(np.count_nonzero(row.allowed))
+        if not n_allowed:
+            raise ValueError("the grammar allows no token here")
+        top_k = min(top_k, n_allowed)
     temp = 1.0 if greedy else float(np.float32(p.temperature))  # passed to C as float, used as double
     x = shaped.astype(np.float64) * (1.0 / temp)
+    if row.allowed is not None:
+        x[~row.allowed] = -np.inf
     if p.repetition_penalty != 1.0 and p.last_n_tokens > 0 and len(row.tokens):
         recent = np.unique(np.asarray(row.tokens[-p.last_n_tokens:], dtype=np.int64))
         recent = recent[(recent >= 0) & (recent < n_vocab)]

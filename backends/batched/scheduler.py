@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -54,6 +55,7 @@ class Seq:
     generated: list[int] = field(default_factory=list)
     counts: dict[int, int] = field(default_factory=dict)  # generated token -> times (OpenAI penalties)
     deadline: float | None = None
+    matcher: Any = None  # backends.grammar.Matcher of a constrained job: its mask shapes every pick
 
     @property
     def tokens(self) -> list[int]:
@@ -99,6 +101,7 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 Choose = Callable[[np.ndarray, Seq], "int | tuple[int, TokenLogprob | None]"]
+MatcherFor = Callable[[GenerationJob], Any]  # a job's grammar matcher (None: unconstrained); ValueError if invalid
 
 
 class Scheduler:
@@ -106,11 +109,12 @@ class Scheduler:
 
     def __init__(self, n_slots: int, n_ctx: int, eos_token_id: int, choose: Choose, emit: Callable[[object], None],
                  chunk: int = 32, pieces: Sequence[bytes] = (), n_vocab: int | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, matcher_for: MatcherFor | None = None) -> None:
         if n_slots < 1 or chunk < 1:
             raise ValueError("need at least one slot and a chunk of at least one token")
         self.n_ctx, self.eos, self.chunk, self.n_vocab = n_ctx, eos_token_id, chunk, n_vocab
         self.choose, self.emit, self.pieces, self.clock = choose, emit, pieces, clock
+        self.matcher_for = matcher_for
         self.slots = [Slot(i) for i in range(n_slots)]
         self.waiting: deque[Seq] = deque()
         self.prefilling: deque[Seq] = deque()  # admitted, prompt not fully evaluated (FIFO)
@@ -142,13 +146,14 @@ class Scheduler:
             raise ValueError(f"job {job.job_id} is already scheduled")
         try:
             budget = self._budget(job, tokens)
+            matcher = self.matcher_for(job) if self.matcher_for is not None else None
         except ContextOverflow as exc:
             self.emit(Failed(job.job_id, ErrorKind.CONTEXT_LENGTH, str(exc)))
             return False
         except ValueError as exc:
             self.emit(Failed(job.job_id, ErrorKind.INVALID_REQUEST, str(exc)))
             return False
-        seq = Seq(job, tokens, budget)
+        seq = Seq(job, tokens, budget, matcher=matcher)
         self.sequences[job.job_id] = seq
         self.waiting.append(seq)
         return True
@@ -268,8 +273,22 @@ class Scheduler:
         seq.counts[token] = seq.counts.get(token, 0) + 1
         piece = self.pieces[token] if token < len(self.pieces) else b""
         self.emit(Tokens(job.job_id, [token], [piece], None if logprob is None else [logprob]))
+        if seq.matcher is not None and self._grammar_ended(seq, token):
+            return
         if len(seq.generated) >= seq.budget:  # the last token is not evaluated (as backends.engine)
             self._retire(seq, Finished(job.job_id, FinishReason.LENGTH, len(seq.generated)))
+
+    def _grammar_ended(self, seq: Seq, token: int) -> bool:
+        """Advance a constrained sequence's matcher; retire it when its grammar is complete or broken."""
+        matcher, job_id = seq.matcher, seq.job.job_id
+        matcher.accept(token)
+        if matcher.error:
+            self._retire(seq, Failed(job_id, ErrorKind.INTERNAL, f"constrained decoding failed: {matcher.error}"))
+            return True
+        if matcher.done:  # nothing but EOS may follow: stop as if the model had ended it
+            self._retire(seq, Finished(job_id, FinishReason.STOP, len(seq.generated)))
+            return True
+        return False
 
     def _retire(self, seq: Seq, event: object) -> None:
         """End a sequence: free its slot at once, drop it from every queue, emit its last event."""

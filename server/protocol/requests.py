@@ -128,6 +128,42 @@ class ChatMessage(BaseModel):
     audio: Any | None = None
 
 
+class ResponseFormatText(BaseModel):
+    """Plain text (the default)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+
+
+class ResponseFormatJsonObject(BaseModel):
+    """JSON mode: the reply is one JSON object."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(BaseModel):
+    """A named JSON Schema the reply must follow."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatJsonSchema(BaseModel):
+    """Structured outputs: the reply is valid against `json_schema.schema`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema,
+                           Field(discriminator="type")]
+
+
 class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
 
@@ -135,8 +171,8 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None  # enforced by constrained decoding (server/structured.py)
     # accepted only with values that mean "nothing special" (see server/params.py)
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any | None = None
     parallel_tool_calls: bool | None = None
