@@ -50,6 +50,12 @@ class TemplateSpec(_Strict):
     user: str = "{content}\n"
     assistant: str = "{content}\n"
     generation: str = ""
+    # tool calling (backends.templates.PromptTemplate documents each; omitted: the built-in defaults)
+    tool_marker: str | None = Field(None, min_length=1)
+    tools: str | None = None
+    tool: str | None = None
+    tool_call: str | None = None
+    tool_result: str | None = None
 
 
 class ModelSpec(_Strict):
@@ -221,7 +227,7 @@ def _check_names(path: Path, parsed: RegistryFile) -> None:
 def template_for(parsed: RegistryFile, name: str) -> PromptTemplate:
     """Resolve a template name: registry templates first, then the built-in ones."""
     if name in parsed.templates:
-        return PromptTemplate(**parsed.templates[name].model_dump())
+        return PromptTemplate(**parsed.templates[name].model_dump(exclude_none=True))
     return BUILTIN_TEMPLATES[name]
 
 

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from backends.registry import ServedModel
 from backends.grammar import Constraint
+from backends.registry import ServedModel
 from backends.types import SamplingParams
 from server.errors import APIError, bad_request, shorten, unsupported
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.settings import Settings
 from server.structured import constraint_for
+from server.tools import ToolPlan, tool_plan
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class Plan:
     include_usage: bool
     prompt_param: str = "prompt"  # the request field an over-long prompt is blamed on
     echo_texts: tuple[str, ...] = ()  # per prompt, when echo was asked for
+    tools: ToolPlan | None = None  # chat: the tools offered and the reply's shape (server/tools.py)
 
     def seed_for(self, choice: int) -> SamplingParams:
         """Sampling parameters of one choice: the request seed offset by the choice index."""
@@ -244,7 +247,8 @@ def work_size(req: CompletionRequest | ChatCompletionRequest, settings: Settings
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             return size + len(prompt)
         return size + sum(len(p) for p in (prompt or ())[:settings.max_prompts + 1])
-    if len(req.messages) > 256 or (req.response_format and req.response_format.type != "text"):
+    if len(req.messages) > 256 or (req.response_format and req.response_format.type != "text") \
+            or req.tools or req.functions:
         return BIG_WORK  # a grammar is compiled (the first one of a model also builds its token trie)
     for m in req.messages:
         content = m.content
@@ -260,10 +264,6 @@ BIG_WORK = 16_384  # a plan with more work than this is built in a thread, off t
 
 # chat fields accepted only with a value that asks for nothing special
 _CHAT_NEUTRAL: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "tools": (lambda v: not v, "tool calling is not supported"),
-    "functions": (lambda v: not v, "function calling is not supported"),
-    "tool_choice": (lambda v: v in (None, "none"), "tool calling is not supported"),
-    "function_call": (lambda v: v in (None, "none"), "function calling is not supported"),
     "modalities": (lambda v: v is None or v == ["text"], "only text output is supported"),
     "audio": (lambda v: v is None, "audio output is not supported"),
     "prediction": (lambda v: v is None, "predicted outputs are not supported"),
@@ -291,8 +291,14 @@ def chat_plan(req: ChatCompletionRequest, model: ServedModel, settings: Settings
         value, param = req.max_tokens, "max_tokens"
     max_tokens = _max_tokens(value if value is not None else model.spec.sampling.max_tokens, model, param)
     asked = max_tokens if value is not None else None  # the registry default shrinks to what fits
-    sampling = to_sampling(req, model, constraint_for(req.response_format, model))
-    text = model.template.render([_message(i, m) for i, m in enumerate(req.messages)], model.spec.system_prompt)
+    tools = tool_plan(req, model)
+    constraint = constraint_for(req.response_format, model)
+    if tools is not None and constraint is not None:
+        raise unsupported("response_format", "a JSON response_format together with tools is not supported; "
+                                             "use a tool whose parameters are the schema")
+    sampling = to_sampling(req, model, constraint or (tools.constraint if tools else None))
+    text = model.template.render(_messages(req.messages, model), model.spec.system_prompt,
+                                 tools.tools if tools else None)
     check_size(text, asked, model, "messages")
     room = model.context_length - (asked if asked is not None else 1)
     prompt = tokenize(text, model, "messages", limit=room)
@@ -301,28 +307,63 @@ def chat_plan(req: ChatCompletionRequest, model: ServedModel, settings: Settings
         max_tokens = min(max_tokens, model.context_length - len(prompt))
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     return Plan([prompt], n, max_tokens, sampling, _stops(req, model), logprobs,
-                False, stream, include_usage, prompt_param="messages")
+                False, stream, include_usage, prompt_param="messages", tools=tools)
 
 
-def _message(i: int, m: Any) -> tuple[str, str]:
-    """One message as (role, text); rejects what the templates cannot express."""
-    where = f"messages[{i}]"
-    if m.role in ("tool", "function"):
-        raise unsupported(f"{where}.role", f"role '{m.role}' needs tool calling, which is not supported")
-    for field in ("tool_calls", "function_call", "audio", "name"):
-        if getattr(m, field):
-            raise unsupported(f"{where}.{field}")
+def _messages(messages: list[Any], model: ServedModel) -> list[tuple[str, ...]]:
+    """The conversation as template turns: tool calls written in the template's convention, each tool
+    result with the name of the tool it answers (found by its tool_call_id)."""
+    names: dict[str, str] = {}
+    turns: list[tuple[str, ...]] = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if m.audio:
+            raise unsupported(f"{where}.audio")
+        if m.name and m.role not in ("tool", "function"):
+            raise unsupported(f"{where}.name", "the prompt templates do not write participant names")
+        if m.role in ("tool", "function"):
+            name = m.name if m.role == "function" else names.get(m.tool_call_id or "", m.name or "")
+            if m.role == "function" and not name:
+                raise bad_request(f"{where}.name is required for role 'function'.", f"{where}.name")
+            turns.append(("tool", _content(where, m, empty_ok=False), name or ""))
+            continue
+        text = _content(where, m, empty_ok=m.role == "assistant")
+        if m.role == "assistant" and (m.tool_calls or m.function_call):
+            text += model.template.calls_text(_calls(where, m, names))
+        turns.append((m.role, text))
+    return turns
+
+
+def _calls(where: str, m: Any, names: dict[str, str]) -> list[dict]:
+    """An assistant message's calls as {name, arguments} (arguments parsed from their JSON strings)."""
+    made = [(f"{where}.tool_calls[{j}].function", c.function) for j, c in enumerate(m.tool_calls or [])]
+    if m.function_call:
+        made.append((f"{where}.function_call", m.function_call))
+    for call in m.tool_calls or []:
+        names[call.id] = call.function.name
+    calls = []
+    for param, fn in made:
+        try:
+            arguments = json.loads(fn.arguments) if fn.arguments.strip() else {}
+        except ValueError:
+            raise bad_request(f"{param}.arguments is not valid JSON.", f"{param}.arguments") from None
+        calls.append({"name": fn.name, "arguments": arguments})
+    return calls
+
+
+def _content(where: str, m: Any, empty_ok: bool) -> str:
+    """A message's text; rejects what the templates cannot express."""
     content = m.content
     if content is None:
-        if m.role == "assistant":
-            return m.role, ""
+        if empty_ok:
+            return ""
         raise bad_request(f"{where}.content must be a string or a list of text parts.", f"{where}.content")
     if isinstance(content, str):
-        return m.role, content
+        return content
     texts = []
     for j, part in enumerate(content):
         if part.type != "text" or part.text is None:
             raise unsupported(f"{where}.content[{j}].type",
                               f"only text parts are supported, got '{shorten(part.type)}'")
         texts.append(part.text)
-    return m.role, "\n".join(texts)
+    return "\n".join(texts)

@@ -11,7 +11,7 @@ from server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs,
     Completion, CompletionChoice, CompletionLogprobs, Delta, TokenLogprobOut, TopLogprob, Usage,
 )
-from server.protocol.responses import PromptTokensDetails
+from server.protocol.responses import FunctionCall, FunctionCallDelta, PromptTokensDetails, ToolCall, ToolCallDelta
 from server.streaming import TokenRecord
 
 
@@ -141,10 +141,36 @@ class Renderer:
         return ChatCompletion(id=self.rid, created=self.created, model=self.model, choices=choices,
                               usage=use).wire()
 
-    def chat_choice(self, index: int, text: str, finish: str, logprobs: ChatLogprobs | None) -> ChatChoice:
-        """One choice of a chat.completion."""
-        return ChatChoice(index=index, message=AssistantMessage(content=text, refusal=None),
-                          logprobs=logprobs, finish_reason=finish)
+    def chat_choice(self, index: int, text: str | None, finish: str, logprobs: ChatLogprobs | None,
+                    calls: list[dict] | None = None, legacy: bool = False) -> ChatChoice:
+        """One choice of a chat.completion; with calls (id, name, arguments): message.tool_calls and
+        finish_reason "tool_calls" (legacy: message.function_call and "function_call")."""
+        message = AssistantMessage(content=text, refusal=None)
+        if calls and legacy:
+            message.function_call = FunctionCall(name=calls[0]["name"], arguments=calls[0]["arguments"])
+            finish = "function_call"
+        elif calls:
+            message.tool_calls = [ToolCall(id=c["id"], function=FunctionCall(name=c["name"], arguments=c["arguments"]))
+                                  for c in calls]
+            finish = "tool_calls"
+        return ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=finish)
+
+    def call_chunks(self, index: int, calls: list[dict], legacy: bool) -> list[dict]:
+        """A choice's calls as stream chunks: per call, its id, type and name (arguments ""), then its
+        arguments; then the finish chunk ("tool_calls"; legacy: function_call deltas and "function_call")."""
+        if legacy:
+            name = Delta(function_call=FunctionCallDelta(name=calls[0]["name"], arguments=""))
+            arguments = Delta(function_call=FunctionCallDelta(arguments=calls[0]["arguments"]))
+            return [self.chat_chunk(index, name, None), self.chat_chunk(index, arguments, None),
+                    self.chat_chunk(index, Delta(), "function_call")]
+        out = []
+        for i, call in enumerate(calls):
+            first = ToolCallDelta(index=i, id=call["id"], type="function",
+                                  function=FunctionCallDelta(name=call["name"], arguments=""))
+            rest = ToolCallDelta(index=i, function=FunctionCallDelta(arguments=call["arguments"]))
+            out += [self.chat_chunk(index, Delta(tool_calls=[first]), None),
+                    self.chat_chunk(index, Delta(tool_calls=[rest]), None)]
+        return out + [self.chat_chunk(index, Delta(), "tool_calls")]
 
     def chat_chunk(self, index: int, delta: Delta, finish: str | None,
                    logprobs: ChatLogprobs | None = None) -> dict:

@@ -15,14 +15,15 @@ from server.lifecycle import Lifecycle
 from server.lifetime import Generation
 from server.metrics import Metrics
 from server.middleware import RequestRecord
-from server.tracking import Tracker
 from server.params import BIG_WORK, Plan, chat_plan, completion_plan, work_size
-from server.request_watch import CLOSED, Guard, Watch
 from server.protocol import ChatCompletionRequest, CompletionRequest, Delta, ModelCard, ModelList
 from server.render import Renderer, chat_logprobs, completion_logprobs, dumps, usage
+from server.request_watch import CLOSED, Guard, Watch
 from server.runner import Run
 from server.settings import Settings
 from server.streaming import ChoiceState, TextAssembler
+from server.tools import CallSplitter, split_reply
+from server.tracking import Tracker
 
 
 class InferenceService:
@@ -195,7 +196,12 @@ def _chat_body(r: Renderer, plan: Plan, states: list[ChoiceState]) -> dict:
     choices = []
     for s in states:
         lp = chat_logprobs(s.take_records(final=True)) if plan.logprobs is not None else None
-        choices.append(r.chat_choice(s.index, s.full_text, s.finish_reason or "stop", lp))
+        if plan.tools is None:
+            choices.append(r.chat_choice(s.index, s.full_text, s.finish_reason or "stop", lp))
+            continue
+        reply = split_reply(s.full_text, plan.tools.marker)
+        choices.append(r.chat_choice(s.index, reply.text, s.finish_reason or "stop", lp, reply.calls,
+                                     plan.tools.legacy))
     return r.chat(choices, _usage(plan, states))
 
 
@@ -285,16 +291,25 @@ class _CompletionStream(_Stream):
 
 class _ChatStream(_Stream):
     def opening(self) -> list[dict]:
+        tools = self.plan.tools
+        self.splitters = {s.index: CallSplitter(tools.marker) for s in self.states} if tools else {}
         return [self.r.chat_chunk(s.index, Delta(role="assistant", content=""), None) for s in self.states]
 
     def deltas(self, s: ChoiceState, text: str, finished: bool) -> list[str]:
+        """Content (held back while it could still become a tool call), then the calls or the finish."""
         out = []
+        splitter = self.splitters.get(s.index)
+        reply = splitter.finish(text) if splitter and finished else None
+        if splitter:
+            text = splitter.feed(text) if reply is None else (reply.text or "")
         records = s.take_records(final=finished)
         lp = chat_logprobs(records) if self.plan.logprobs is not None and records else None
         if lp:
             out.append(dumps(self.r.chat_chunk(s.index, Delta(content=text), None, lp)))
         elif text:
             out.append(self.r.text_chunk("chat", s.index, text))
+        if reply is not None and reply.calls:
+            return out + [dumps(c) for c in self.r.call_chunks(s.index, reply.calls, self.plan.tools.legacy)]
         if finished:
             out.append(dumps(self.r.chat_chunk(s.index, Delta(), s.finish_reason)))
         return out

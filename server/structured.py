@@ -18,28 +18,29 @@ def constraint_for(fmt: ResponseFormatText | ResponseFormatJsonObject | Response
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
-        return _checked(json_object(), model, "response_format")
+        return checked(json_object(), model, "response_format")
     schema = fmt.json_schema.schema_
     param = "response_format.json_schema.schema"
     if schema is None:  # a name without a schema: any JSON object, as OpenAI's JSON mode
-        return _checked(json_object(), model, param)
+        return checked(json_object(), model, param)
     if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
         raise bad_request(f"{param} is larger than {MAX_SCHEMA_BYTES // 1024} KiB.", param)
     try:
         constraint = json_schema(schema)
     except GrammarError as exc:
-        raise _refused(param, exc) from None
-    return _checked(constraint, model, param)
+        raise refused(param, exc) from None
+    return checked(constraint, model, param)
 
 
-def _checked(constraint: Constraint, model: ServedModel, param: str) -> Constraint:
+def checked(constraint: Constraint, model: ServedModel, param: str) -> Constraint:
     """The constraint, once it is known to compile against the model's vocabulary."""
     try:
         check(constraint, model.tokenizer.pieces, model.info.eos_token_id)
     except GrammarError as exc:
-        raise _refused(param, exc) from None
+        raise refused(param, exc) from None
     return constraint
 
 
-def _refused(param: str, exc: GrammarError) -> APIError:
+def refused(param: str, exc: GrammarError) -> APIError:
+    """The 400 for a grammar that cannot be enforced, naming the parameter and llguidance's reason."""
     return bad_request(f"{param} cannot be enforced: {exc}", param)

@@ -77,9 +77,9 @@ class _Handler(BaseHTTPRequestHandler):
             k.cuts -= 1
             body = body[: k.cut_after]
             self.close_connection = True
+        k.log.append((rng, code, len(body)))  # before sending: the client may finish before this thread resumes
         self.wfile.write(body)
         self.wfile.flush()
-        k.log.append((rng, code, len(body)))
 
 
 @pytest.fixture

@@ -107,6 +107,23 @@ class TextPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCallMade(BaseModel):
+    """A function call in an assistant message of the history: its name and JSON-encoded arguments."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: str
+    arguments: str
+
+
+class MessageToolCall(BaseModel):
+    """A tool call in an assistant message of the history."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallMade
+
+
 class ChatMessage(BaseModel):
     """A message in the conversation."""
 
@@ -122,9 +139,9 @@ class ChatMessage(BaseModel):
         return v
     name: str | None = None
     refusal: str | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
-    function_call: Any | None = None
+    function_call: FunctionCallMade | None = None
     audio: Any | None = None
 
 
@@ -164,6 +181,42 @@ ResponseFormat = Annotated[ResponseFormatText | ResponseFormatJsonObject | Respo
                            Field(discriminator="type")]
 
 
+_TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class FunctionDefinition(BaseModel):
+    """A function the model may call: name, description and a JSON Schema of its arguments."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(pattern=_TOOL_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    """A tool in `tools` (only functions exist)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    """A function named by `tool_choice` or `function_call`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """`tool_choice` that forces one function."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
 
@@ -172,12 +225,13 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None  # enforced by constrained decoding (server/structured.py)
-    # accepted only with values that mean "nothing special" (see server/params.py)
-    tools: list[Any] | None = None
-    tool_choice: Any | None = None
+    # tool calling, enforced by constrained decoding (server/tools.py)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    functions: list[Any] | None = None
-    function_call: Any | None = None
+    functions: list[FunctionDefinition] | None = Field(None, max_length=128)
+    function_call: Literal["none", "auto"] | FunctionName | None = None
+    # accepted only with values that mean "nothing special" (see server/params.py)
     modalities: list[str] | None = None
     audio: Any | None = None
     prediction: Any | None = None

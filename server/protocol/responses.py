@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 
 class _Response(BaseModel):
-    _CONSTANTS = ("object", "role")  # fixed-value fields that are always sent
+    _CONSTANTS = ("object", "role", "type")  # fixed-value fields that are always sent
 
     def model_post_init(self, _context: Any) -> None:
         for name in self._CONSTANTS:
@@ -90,12 +90,29 @@ class ChatLogprobs(_Response):
     refusal: list[TokenLogprobOut] | None
 
 
+class FunctionCall(_Response):
+    """A call's function: its name and arguments as a JSON string."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(_Response):
+    """A tool call in a reply."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(_Response):
     """The assistant's reply."""
 
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None
+    tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None  # the legacy `functions` shape
 
 
 class ChatChoice(_Response):
@@ -119,11 +136,29 @@ class ChatCompletion(_Response):
     system_fingerprint: str | None = None
 
 
+class FunctionCallDelta(_Response):
+    """A piece of a call's function in a stream chunk."""
+
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_Response):
+    """A piece of tool call `index` in a stream chunk (id, type and name come on its first piece)."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta | None = None
+
+
 class Delta(_Response):
     """The increment in a chat stream chunk."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+    function_call: FunctionCallDelta | None = None  # the legacy `functions` shape
 
 
 class ChatChunkChoice(_Response):

@@ -84,7 +84,7 @@ def test_chat_renders_the_template_and_maps_logprobs():
 
 
 @pytest.mark.parametrize("field,value", [
-    ("tools", [{"type": "function"}]), ("tool_choice", "auto"),
+    ("tool_choice", "auto"), ("function_call", {"name": "f"}),
     ("audio", {}), ("store", True), ("reasoning_effort", "low"), ("prompt_cache_key", "k"),
 ])
 def test_chat_features_that_do_not_exist_here_are_named(field, value):

@@ -109,3 +109,16 @@ def test_a_legacy_file_is_skipped_with_a_command_that_converts_it_in_place(tmp_p
     done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stderr
     assert resolve(tmp_path / "reg.yaml").served[0].spec.id == "old"  # served from the same path now
+
+
+def test_a_registry_template_can_set_the_tool_calling_fields(tmp_path):
+    """Templates are data: the tool block, call and result formats come from the registry when given."""
+    from backends.registry import load_registry_file, template_for
+
+    path = tmp_path / "r.yaml"
+    path.write_text('templates:\n  t: {user: "U:{content}\\n", tool_marker: "CALL>", tool_result: "R[{name}]:{content}\\n"}\n'
+                    "models:\n  - {id: m, path: m.bin, prompt_template: t}\n")
+    t = template_for(load_registry_file(path), "t")
+    assert (t.tool_marker, t.user) == ("CALL>", "U:{content}\n")
+    assert t.render([("tool", "42", "add")]).startswith("R[add]:42")
+    assert t.tool_call == "{marker}{calls}"  # not set: the built-in default

@@ -79,7 +79,7 @@ class FakeRun:
 
 
 def plan(logprobs=None):
-    return SimpleNamespace(n=1, logprobs=logprobs, include_usage=False, stops=[], prompts=[[1]])
+    return SimpleNamespace(n=1, logprobs=logprobs, include_usage=False, stops=[], prompts=[[1]], tools=None)
 
 
 async def _never():

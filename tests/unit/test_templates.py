@@ -25,7 +25,7 @@ def test_developer_counts_as_system():
 
 def test_unknown_role_is_rejected():
     with pytest.raises(ValueError):
-        BUILTIN_TEMPLATES["plain"].render([("tool", "x")])
+        BUILTIN_TEMPLATES["plain"].render([("wizard", "x")])
 
 
 def test_content_with_braces_is_not_formatted():
