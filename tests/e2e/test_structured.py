@@ -131,3 +131,12 @@ def test_unenforceable_or_oversized_schemas_are_a_400_naming_the_field(client):
     r = client.post("/chat/completions", json={
         "model": "rand", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}})
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("response_format")
+
+
+def test_stop_sequences_apply_to_constrained_output(client):
+    """A stop sequence cuts the JSON where it appears (finish_reason "stop"), as it cuts any reply."""
+    fmt = json_format("nested", SCHEMAS["nested"])
+    whole = chat(client, response_format=fmt, seed=5, temperature=1.0)["choices"][0]["message"]["content"]
+    assert '"tags"' in whole
+    cut = chat(client, response_format=fmt, seed=5, temperature=1.0, stop=['"tags"'])["choices"][0]
+    assert cut["finish_reason"] == "stop" and cut["message"]["content"] == whole[:whole.index('"tags"')]
