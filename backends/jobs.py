@@ -124,6 +124,8 @@ class WorkerProc:
     killed_because: str | None = None  # why the pool killed it (stall, load timeout)
     load_timer: asyncio.TimerHandle | None = None
     spawn_failures: int = 0  # failed attempts to start a replacement for this (dead) worker
+    reader: object = None  # backends.pipe_io.FrameReader of conn (whole messages from a non-blocking fd)
+    writer: object = None  # backends.pipe_io.FrameWriter of conn (whole messages to it, in order)
 
     @property
     def job(self) -> JobHandle | None:

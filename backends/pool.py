@@ -261,6 +261,9 @@ class ModelPool(WorkerSupervisor):
             self._send(worker, ("cancel", handle.job.job_id))
 
     def _send(self, worker: WorkerProc, msg) -> None:
+        if worker.writer is not None:  # whole messages, in order, even when the pipe is full (pipe_io)
+            worker.writer.send(msg)
+            return
         try:
             worker.conn.send(msg)
         except (BrokenPipeError, OSError):

@@ -6,12 +6,14 @@ import asyncio
 import logging
 import math
 import multiprocessing as mp
+import os
 import pickle
 import signal
 import time
 from collections import deque
 
 from backends.jobs import PoolModel, PoolPolicy, WorkerProc
+from backends.pipe_io import FrameReader, FrameWriter
 from backends.types import ErrorKind, Failed, Tokens
 from backends.worker import unpack_tokens, worker_main
 
@@ -141,6 +143,8 @@ class WorkerSupervisor:
             child.close()
         worker = WorkerProc(index=index, process=proc, conn=parent, progress=progress, pid=proc.pid,
                             slots=max(1, spec.slots) if spec.engine == "ggml" else 1)
+        os.set_blocking(parent.fileno(), False)  # the loop reads and writes it: whole messages via pipe_io
+        worker.reader, worker.writer = FrameReader(parent.fileno()), FrameWriter(parent.fileno())
         loop = asyncio.get_running_loop()
         try:
             loop.add_reader(parent.fileno(), self._readable, worker)
@@ -179,6 +183,8 @@ class WorkerSupervisor:
             pass
 
     def _unwatch_conn(self, worker: WorkerProc) -> None:
+        if worker.writer is not None:
+            worker.writer.close()
         try:
             asyncio.get_running_loop().remove_reader(worker.conn.fileno())
         except (ValueError, OSError):
@@ -195,10 +201,9 @@ class WorkerSupervisor:
     # ---- events ---------------------------------------------------------------------------
     def _readable(self, worker: WorkerProc) -> None:
         """Drain every complete message a worker has sent."""
-        conn, pieces = worker.conn, self.pieces
+        pieces = self.pieces
         try:
-            while conn.poll():
-                data = conn.recv_bytes()
+            for data in (worker.reader.read() if worker.reader is not None else _drain(worker.conn)):
                 tokens = unpack_tokens(data)
                 if tokens is not None:
                     job_id, ids = tokens
@@ -315,9 +320,16 @@ class WorkerSupervisor:
         self._watch = asyncio.get_running_loop().call_later(period, self._check_progress)
 
     def _check_progress(self) -> None:
-        """Kill busy workers whose progress counter has not moved for stall_timeout seconds."""
+        """Kill busy workers whose progress counter has not moved for stall_timeout seconds (and check again
+        later, whatever happens in this check)."""
         if self._closing:
             return
+        try:
+            self._check_workers()
+        finally:
+            self._schedule_watch()
+
+    def _check_workers(self) -> None:
         now, limit = time.monotonic(), self.policy.stall_timeout
         for w in list(self.workers):
             if not (w.alive and w.jobs):
@@ -329,7 +341,6 @@ class WorkerSupervisor:
                 self._readable(w)  # its last messages may not have been handled yet
                 if w.alive and w.jobs and w.progress.value == w.seen and now - w.progress_at > limit:
                     self._stalled(w, now - w.progress_at)
-        self._schedule_watch()
 
     def _stalled(self, worker: WorkerProc, idle: float) -> None:
         """Kill a stalled worker (its exit brings a replacement); each of its jobs fails, or goes back to
@@ -375,3 +386,11 @@ class WorkerSupervisor:
 def _resolve(fut: asyncio.Future, value) -> None:
     if not fut.done():
         fut.set_result(value)
+
+
+def _drain(conn) -> list[bytes]:
+    """Every message waiting on a blocking connection (workers built without pipe_io, e.g. in tests)."""
+    out = []
+    while conn.poll():
+        out.append(conn.recv_bytes())
+    return out
