@@ -21,6 +21,8 @@ import numpy as np
 
 JSON_OPTIONS = {"whitespace_flexible": False}  # compact JSON: "," and ":" with no blanks around them
 CACHE_SIZE = 64  # compiled grammars kept per vocabulary
+MAX_MESSAGE = 300  # characters of an llguidance message kept (its full text embeds the parser state and grammar)
+CHECK_STEPS = 64  # forced tokens `check` follows, computing each mask as an engine will
 _vocabs: OrderedDict[tuple[int, int], tuple[Sequence[bytes], Vocab]] = OrderedDict()
 _lock = threading.Lock()
 
@@ -34,6 +36,15 @@ class Constraint:
 
 class GrammarError(ValueError):
     """A grammar or schema llguidance cannot compile; the message names what is wrong or unsupported."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(short(message))
+
+
+def short(message: str) -> str:
+    """An llguidance message cut to its first line and MAX_MESSAGE characters (never the state dump)."""
+    line = message.strip().split("\n", 1)[0].strip()
+    return line if len(line) <= MAX_MESSAGE else line[:MAX_MESSAGE - 3] + "..."
 
 
 def _validated(grammar: str) -> Constraint:
@@ -143,8 +154,20 @@ def vocab_for(pieces: Sequence[bytes], eos: int) -> Vocab:
 
 
 def check(constraint: Constraint, tokenizer_pieces: Sequence[bytes], eos: int) -> None:
-    """Compile a constraint against a model's vocabulary; GrammarError if it cannot be used."""
-    vocab_for(tokenizer_pieces, eos).compiled(constraint.grammar)
+    """Compile a constraint against a model's vocabulary and compute its first masks as an engine will
+    (through the tokens the grammar forces); GrammarError if it cannot be used."""
+    matcher = Matcher(constraint, vocab_for(tokenizer_pieces, eos))
+    for _ in range(CHECK_STEPS):
+        allowed = matcher.allowed()
+        if matcher.error:
+            raise GrammarError(matcher.error)
+        if not allowed.any():
+            raise GrammarError("the grammar allows no token")
+        forced = matcher.forced()
+        if not forced:
+            return
+        for token in forced:
+            matcher.accept(token)
 
 
 class Matcher:
@@ -171,6 +194,10 @@ class Matcher:
         """Advance past a sampled token (a token the grammar refuses puts the matcher in error)."""
         self._m.consume_token(int(token))
 
+    def forced(self) -> list[int]:
+        """The tokens the grammar forces next (empty when it leaves a choice)."""
+        return list(self._m.compute_ff_tokens())
+
     @property
     def done(self) -> bool:
         """The grammar is complete: nothing but EOS may follow, the sequence must stop."""
@@ -179,7 +206,7 @@ class Matcher:
     @property
     def error(self) -> str | None:
         """Why the matcher failed, or None."""
-        return (self._m.get_error() or "the grammar matcher failed") if self._m.is_error() else None
+        return short(self._m.get_error() or "the grammar matcher failed") if self._m.is_error() else None
 
 
 def grammar_failure(matcher: Matcher) -> str:

@@ -256,6 +256,8 @@ def work_size(req: CompletionRequest | ChatCompletionRequest, settings: Settings
             size += len(content)
         elif content:
             size += sum(len(p.text or "") for p in content)
+        size += sum(len(c.function.arguments) for c in m.tool_calls or ())
+        size += len(m.function_call.arguments) if m.function_call else 0
     return size
 
 
@@ -345,8 +347,9 @@ def _calls(where: str, m: Any, names: dict[str, str]) -> list[dict]:
     for param, fn in made:
         try:
             arguments = json.loads(fn.arguments) if fn.arguments.strip() else {}
-        except ValueError:
-            raise bad_request(f"{param}.arguments is not valid JSON.", f"{param}.arguments") from None
+        except (ValueError, RecursionError):
+            raise bad_request(f"{param}.arguments is not valid JSON (or nested too deeply).",
+                              f"{param}.arguments") from None
         calls.append({"name": fn.name, "arguments": arguments})
     return calls
 

@@ -36,7 +36,7 @@ def tool_plan(req: ChatCompletionRequest, model: ServedModel) -> ToolPlan | None
     if req.tools and req.functions:
         raise bad_request("Use either tools or functions, not both.", "functions")
     legacy = bool(req.functions) or (req.function_call is not None and not req.tools)
-    defs, choice_param = _definitions(req, legacy)
+    defs, choice_param = _definitions(req, legacy, model)
     choice = _choice(req, legacy, defs, choice_param)
     marker = model.template.tool_marker
     if not defs or choice == "none":
@@ -45,13 +45,15 @@ def tool_plan(req: ChatCompletionRequest, model: ServedModel) -> ToolPlan | None
     allowed = [t for t in tools if choice in ("auto", "required") or t["name"] == choice]
     parallel = not legacy and req.parallel_tool_calls is not False
     schema = calls_schema(allowed, MAX_PARALLEL if parallel else 1)
-    if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
-        raise bad_request(f"The tools' parameters are larger than {MAX_SCHEMA_BYTES // 1024} KiB.", choice_param[0])
-    grammar = calls_grammar(marker, schema, free_text=choice == "auto")
+    try:
+        grammar = calls_grammar(marker, schema, free_text=choice == "auto")
+    except GrammarError as exc:
+        raise refused(choice_param[0], exc) from None
     return ToolPlan(tools, checked(grammar, model, choice_param[0]), marker, legacy)
 
 
-def _definitions(req: ChatCompletionRequest, legacy: bool) -> tuple[list[FunctionDefinition], tuple[str, str]]:
+def _definitions(req: ChatCompletionRequest, legacy: bool,
+                 model: ServedModel) -> tuple[list[FunctionDefinition], tuple[str, str]]:
     """The function definitions, each parameters schema checked; (tools param, choice param) names."""
     if legacy:
         defs, params = list(req.functions or []), ("functions", "function_call")
@@ -59,6 +61,8 @@ def _definitions(req: ChatCompletionRequest, legacy: bool) -> tuple[list[Functio
     else:
         defs, params = [t.function for t in req.tools or []], ("tools", "tool_choice")
         where = [f"tools[{i}].function.parameters" for i in range(len(defs))]
+    if len(json.dumps([d.parameters for d in defs])) > MAX_SCHEMA_BYTES:  # before compiling any of them
+        raise bad_request(f"The tools' parameters are larger than {MAX_SCHEMA_BYTES // 1024} KiB.", params[0])
     seen: set[str] = set()
     for d, param in zip(defs, where):
         if d.name in seen:
@@ -66,10 +70,22 @@ def _definitions(req: ChatCompletionRequest, legacy: bool) -> tuple[list[Functio
         seen.add(d.name)
         if d.parameters is not None:
             try:
-                json_schema(d.parameters)
+                constraint = json_schema(object_parameters(d.parameters, param))
             except GrammarError as exc:
                 raise refused(param, exc) from None
+            checked(constraint, model, param)
     return defs, params
+
+
+def object_parameters(params: dict | None, param: str) -> dict:
+    """A tool's parameters as an object schema (a 400 naming param when they do not describe an object)."""
+    if not params:
+        return {"type": "object"}
+    if not isinstance(params, dict):
+        raise bad_request(f"{param} must be a JSON Schema object.", param)
+    if params.get("type", "object" if "properties" in params else None) != "object":
+        raise bad_request(f"{param} must be a JSON Schema of type 'object'.", param)
+    return {**params, "type": "object"}
 
 
 def _choice(req: ChatCompletionRequest, legacy: bool, defs: list[FunctionDefinition],
@@ -91,22 +107,42 @@ def _choice(req: ChatCompletionRequest, legacy: bool, defs: list[FunctionDefinit
 def calls_schema(tools: list[dict], max_calls: int) -> dict:
     """JSON Schema of the call array: 1..max_calls items, each one of the allowed tools with its arguments.
 
-    Each tool's `$defs` move to the root (their `#/$defs/...` references then still resolve)."""
+    Each tool's parameters become the root's `$defs/tool_<i>`, their own `#...` references rebased there,
+    so `$defs`, `definitions` and any pointer inside them resolve as in the tool's own schema."""
     defs: dict = {}
     variants = []
-    for t in tools:
-        params = dict(t["parameters"] or {"type": "object"})
-        for key, value in params.pop("$defs", {}).items():
-            if defs.setdefault(key, value) != value:
-                raise bad_request(f"Two tools define $defs/{key} differently.", "tools")
-        variants.append({"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": params},
+    for i, t in enumerate(tools):
+        key = f"tool_{i}"
+        defs[key] = _rebased(object_parameters(t["parameters"], "tools"), f"#/$defs/{key}")
+        variants.append({"type": "object", "properties": {"name": {"const": t["name"]},
+                                                          "arguments": {"$ref": f"#/$defs/{key}"}},
                          "required": ["name", "arguments"], "additionalProperties": False})
     items = variants[0] if len(variants) == 1 else {"anyOf": variants}
-    schema = {"type": "array", "items": items, "minItems": 1, "maxItems": max_calls,
-              "x-guidance": {"whitespace_flexible": False}}
-    if defs:
-        schema["$defs"] = defs
-    return schema
+    return {"type": "array", "items": items, "minItems": 1, "maxItems": max_calls,
+            "x-guidance": {"whitespace_flexible": False}, "$defs": defs}
+
+
+_DATA_KEYWORDS = {"const", "enum", "default", "examples"}  # values, not schemas: their "$ref" is data
+_SCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
+
+
+def _rebased(schema: object, base: str) -> object:
+    """A copy of a schema with every local reference ("#..." ) moved under base."""
+    if isinstance(schema, list):
+        return [_rebased(v, base) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            out[key] = base + value[1:]
+        elif key in _DATA_KEYWORDS:
+            out[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):  # names mapped to schemas: names stay as they are
+            out[key] = {name: _rebased(sub, base) for name, sub in value.items()}
+        else:
+            out[key] = _rebased(value, base)
+    return out
 
 
 def calls_grammar(marker: str, schema: dict, free_text: bool) -> Constraint:

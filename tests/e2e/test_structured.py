@@ -133,6 +133,18 @@ def test_unenforceable_or_oversized_schemas_are_a_400_naming_the_field(client):
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("response_format")
 
 
+def test_a_schema_failing_at_its_first_tokens_is_a_short_400_and_the_model_keeps_serving(client):
+    many = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(600)}}
+    for stream_ in (False, True):
+        r = client.post("/chat/completions", json={
+            "model": "rand", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30,
+            "stream": stream_, "response_format": json_format("many", many)})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "response_format.json_schema.schema" and len(err["message"]) < 500
+    chat(client, max_tokens=4)
+
+
 def test_stop_sequences_apply_to_constrained_output(client):
     """A stop sequence cuts the JSON where it appears (finish_reason "stop"), as it cuts any reply."""
     fmt = json_format("nested", SCHEMAS["nested"])

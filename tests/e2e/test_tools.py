@@ -176,6 +176,33 @@ def test_a_history_with_calls_and_results_is_served(client):
     assert longer["usage"]["prompt_tokens"] > chat(client, max_tokens=4, seed=1)["usage"]["prompt_tokens"]
 
 
+def test_definitions_and_pointers_in_parameters_resolve_and_non_objects_are_a_400(client):
+    params = {"type": "object", "properties": {"a": {"$ref": "#/definitions/A"}, "b": {"$ref": "#/properties/a"}},
+              "required": ["a", "b"], "additionalProperties": False,
+              "definitions": {"A": {"type": "integer", "minimum": 0, "maximum": 9}}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": params}}]
+    body = chat(client, tools=tools, tool_choice="required", seed=1, temperature=1.0, max_tokens=60)
+    message = body["choices"][0]["message"]
+    assert body["choices"][0]["finish_reason"] == "tool_calls", body
+    jsonschema.validate(json.loads(message["tool_calls"][0]["function"]["arguments"]), params)
+    for parameters in ({"type": "string"}, {"type": "object", "properties": {
+            f"p{i}": {"type": "integer"} for i in range(600)}}):
+        tools = [{"type": "function", "function": {"name": "f", "parameters": parameters}}]
+        r = client.post("/chat/completions", json={"model": "rand", "messages": USER, "tools": tools,
+                                                   "tool_choice": "required", "max_tokens": 30})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "tools[0].function.parameters"
+
+
+def test_deeply_nested_history_arguments_are_a_400(client):
+    history = USER + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "[" * 100_000 + "]" * 100_000}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
+    r = client.post("/chat/completions", json={"model": "rand", "messages": history, "max_tokens": 4})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "messages[1].tool_calls[0].function.arguments"
+
+
 def test_legacy_functions_reply_with_function_call(client):
     functions = [t["function"] for t in TOOLS]
     body = chat(client, functions=functions, function_call={"name": "weather"}, seed=3, temperature=1.0)

@@ -19,6 +19,7 @@ from backends.grammar import (
     Matcher,
     Vocab,
     check,
+    grammar_failure,
     json_object,
     json_schema,
     lark,
@@ -214,3 +215,33 @@ def test_sampler_never_picks_a_masked_token_even_with_top_k_and_bias():
             got = sample_row(logits, Row(params, [100, 5], allowed=allowed, logprobs=1), PIECES)
             assert got.token in (5, 9)
             assert got.logprob.top[0][0] == PIECES[100]  # logprobs report the model's raw distribution
+
+
+MANY_OPTIONAL = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(600)}}
+
+
+def test_check_computes_the_first_masks_and_refuses_what_fails_there():
+    constraint = json_schema(MANY_OPTIONAL)  # compiles: llguidance's Earley limit is hit only after "{"
+    with pytest.raises(GrammarError, match="max is") as err:
+        check(constraint, PIECES, EOS)
+    assert len(str(err.value)) <= 300 and "\n" not in str(err.value)
+
+
+def test_check_follows_forced_tokens_before_the_failing_mask():
+    nested = {"type": "object", "properties": {"inner": MANY_OPTIONAL}, "required": ["inner"],
+              "additionalProperties": False}
+    with pytest.raises(GrammarError):
+        check(json_schema(nested), PIECES, EOS)
+
+
+def test_a_failed_matcher_reports_one_short_line(vocab):
+    matcher = Matcher(json_schema(MANY_OPTIONAL), vocab)
+    matcher.accept(PIECES.index(b"{"))
+    matcher.allowed()
+    message = grammar_failure(matcher)
+    assert "max is" in message and len(message) <= 400 and "\n" not in message
+
+
+def test_grammar_errors_are_cut_to_one_short_line():
+    assert str(GrammarError("first line\n<state>" + "x" * 5000)) == "first line"
+    assert len(str(GrammarError("y" * 5000))) == 300

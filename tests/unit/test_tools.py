@@ -67,7 +67,6 @@ def test_defs_of_a_tool_move_to_the_root_so_references_resolve():
     params = {"type": "object", "properties": {"p": {"$ref": "#/$defs/P"}}, "required": ["p"],
               "$defs": {"P": {"type": "integer", "minimum": 0, "maximum": 3}}}
     schema = calls_schema([{"name": "f", "parameters": params}], 1)
-    assert "P" in schema["$defs"]
     jsonschema.validate([{"name": "f", "arguments": {"p": 2}}], schema)
     g = calls_grammar("<tool_call>", schema, free_text=False)
     assert accepts(g, '<tool_call>[{"name":"f","arguments":{"p":2}}]')
@@ -159,3 +158,103 @@ def test_bad_arguments_in_the_history_are_named():
     with pytest.raises(APIError) as err:
         chat_plan(req, model(), Settings())
     assert err.value.param == "messages[0].tool_calls[0].function.arguments"
+
+
+MANY_OPTIONAL = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(600)}}
+
+
+def call_plan(parameters, **body):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": parameters}}]
+    return plan(tools=tools, **{"tool_choice": "required", **body})
+
+
+@pytest.mark.parametrize("parameters", [
+    {"type": "object", "properties": {"a": {"$ref": "#/definitions/A"}}, "required": ["a"],
+     "definitions": {"A": {"type": "integer", "minimum": 0, "maximum": 3}}},
+    {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 3},
+                                      "b": {"$ref": "#/properties/a"}}, "required": ["a", "b"]},
+])
+def test_references_inside_a_tool_resolve_within_that_tool(parameters):
+    g = call_plan(parameters).tools.constraint
+    assert accepts(g, '<tool_call>[{"name":"f","arguments":{"a":2' + (',"b":1' if "b" in parameters["properties"]
+                                                                       else "") + '}}]')
+    assert not accepts(g, '<tool_call>[{"name":"f","arguments":{"a":7' + (',"b":1' if "b" in
+                                                                           parameters["properties"] else "") + '}}]')
+
+
+def test_a_root_reference_in_a_tool_means_the_tool_parameters_not_the_call_array():
+    tree = {"type": "object", "properties": {"child": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}},
+            "required": ["child"], "additionalProperties": False}
+    g = call_plan(tree).tools.constraint
+    assert accepts(g, '<tool_call>[{"name":"f","arguments":{"child":{"child":null}}}]')
+    assert not accepts(g, '<tool_call>[{"name":"f","arguments":{"child":[{"name":"f","arguments":{"child":null}}]}}]')
+
+
+def test_two_tools_with_the_same_def_names_keep_their_own_defs():
+    a = {"type": "object", "properties": {"x": {"$ref": "#/$defs/X"}}, "required": ["x"], "$defs": {"X": {"const": 1}}}
+    b = {"type": "object", "properties": {"x": {"$ref": "#/$defs/X"}}, "required": ["x"], "$defs": {"X": {"const": 2}}}
+    g = plan(tools=[{"type": "function", "function": {"name": "a", "parameters": a}},
+                    {"type": "function", "function": {"name": "b", "parameters": b}}], tool_choice="required",
+             parallel_tool_calls=False).tools.constraint
+    assert accepts(g, '<tool_call>[{"name":"a","arguments":{"x":1}}]')
+    assert accepts(g, '<tool_call>[{"name":"b","arguments":{"x":2}}]')
+    assert not accepts(g, '<tool_call>[{"name":"a","arguments":{"x":2}}]')
+
+
+def test_parameters_without_a_type_but_with_properties_are_an_object():
+    g = call_plan({"properties": {"a": {"type": "integer"}}, "required": ["a"]}).tools.constraint
+    assert accepts(g, '<tool_call>[{"name":"f","arguments":{"a":5}}]')
+    assert not accepts(g, '<tool_call>[{"name":"f","arguments":5}]')
+
+
+@pytest.mark.parametrize("parameters", [
+    {"type": "string"}, {"type": "array", "items": {"type": "integer"}}, {"anyOf": [{"type": "integer"}]},
+    {"type": ["object", "null"], "properties": {}}, {"$ref": "#/definitions/missing"},
+])
+def test_parameters_that_are_not_an_object_schema_are_a_400(parameters):
+    with pytest.raises(APIError) as err:
+        call_plan(parameters)
+    assert err.value.status == 400 and err.value.param == "tools[0].function.parameters"
+
+
+def test_parameters_failing_at_their_first_tokens_are_a_short_400():
+    for choice in ("required", "auto"):
+        with pytest.raises(APIError) as err:
+            call_plan(MANY_OPTIONAL, tool_choice=choice)
+        assert err.value.status == 400 and err.value.param == "tools[0].function.parameters"
+        assert len(err.value.message) < 500 and "\n" not in err.value.message
+
+
+def test_the_tools_size_limit_is_checked_before_any_schema_is_compiled(monkeypatch):
+    import server.tools
+
+    def compile_nothing(schema):
+        raise AssertionError("a schema was compiled before the size check")
+
+    monkeypatch.setattr(server.tools, "json_schema", compile_nothing)
+    big = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(4000)}}
+    with pytest.raises(APIError) as err:
+        call_plan(big)
+    assert err.value.status == 400 and err.value.param == "tools" and "64 KiB" in err.value.message
+
+
+@pytest.mark.parametrize("made", [
+    {"tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "[" * 100_000}}]},
+    {"function_call": {"name": "f", "arguments": "[" * 100_000 + "]" * 100_000}},
+])
+def test_deeply_nested_arguments_in_the_history_are_a_400(made):
+    req = ChatCompletionRequest(model="m", messages=[{"role": "assistant", **made}])
+    with pytest.raises(APIError) as err:
+        chat_plan(req, model(), Settings())
+    key = "tool_calls[0].function" if "tool_calls" in made else "function_call"
+    assert err.value.status == 400 and err.value.param == f"messages[0].{key}.arguments"
+
+
+def test_history_arguments_count_in_the_work_size():
+    from server.params import BIG_WORK, work_size
+
+    args = json.dumps({"xs": list(range(10_000))})
+    req = ChatCompletionRequest(model="m", messages=[
+        {"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+                                              "function": {"name": "f", "arguments": args}}]}])
+    assert work_size(req, Settings()) > BIG_WORK
