@@ -67,6 +67,19 @@ def load_engine(path: Path):
     return llm.LLM(str(path), "gptj", config=llm.Config(threads=1), lib=cpu_library())
 
 
+def ctransformers_logits(path: Path, tokens: list[int], prompt_len: int, n_vocab: int) -> list:
+    """ctransformers' logits after the first prompt_len tokens and after the rest (the reference the batched
+    engine's prefill and decode are compared with)."""
+    llm = load_engine(path)
+    try:
+        llm.eval(tokens[:prompt_len])
+        first = engine_logits(llm, n_vocab)
+        llm.eval(tokens[prompt_len:])
+        return [first, engine_logits(llm, n_vocab)]
+    finally:
+        del llm
+
+
 def engine_logits(engine, n_vocab: int):
     """A copy of the engine's logits for the last evaluated token."""
     import ctypes

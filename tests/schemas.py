@@ -61,3 +61,19 @@ def usage_counts(usage: dict) -> tuple[int, int, int]:
     assert 0 <= cached < max(usage["prompt_tokens"], 1)
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     return usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]
+
+
+# A JSON schema whose every value is bounded: constrained output from any model (even random weights) ends
+# well within a test's max_tokens (the engine tests of constrained decoding use it).
+BOUNDED_OBJECT = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "n": {"type": "integer", "minimum": 0, "maximum": 99},
+        "ok": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"enum": ["x", "y"]}, "maxItems": 3},
+        "code": {"type": "string", "pattern": "^[a-z]{2}[0-9]$"},
+    },
+    "required": ["name", "n", "ok", "code"],
+    "additionalProperties": False,
+}

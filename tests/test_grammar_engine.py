@@ -19,19 +19,9 @@ from backends.types import (
     Tokens,
 )
 from tests.models import write_random
+from tests.schemas import BOUNDED_OBJECT
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 8},
-        "n": {"type": "integer", "minimum": 0, "maximum": 99},
-        "ok": {"type": "boolean"},
-        "tags": {"type": "array", "items": {"enum": ["x", "y"]}, "maxItems": 3},
-        "code": {"type": "string", "pattern": "^[a-z]{2}[0-9]$"},
-    },
-    "required": ["name", "n", "ok", "code"],
-    "additionalProperties": False,
-}
+SCHEMA = BOUNDED_OBJECT
 PROMPT = [5, 300, 17, 42]
 
 

@@ -28,21 +28,11 @@ from backends.types import (
 )
 from backends.worker import unpack_tokens
 from tests.models import successor_vocab, write_random, write_successor
+from tests.schemas import BOUNDED_OBJECT
 
 SPAWN = mp.get_context("spawn")
 TIMEOUT = 30.0
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 8},
-        "n": {"type": "integer", "minimum": 0, "maximum": 99},
-        "ok": {"type": "boolean"},
-        "tags": {"type": "array", "items": {"enum": ["x", "y"]}, "maxItems": 3},
-        "code": {"type": "string", "pattern": "^[a-z]{2}[0-9]$"},
-    },
-    "required": ["name", "n", "ok", "code"],
-    "additionalProperties": False,
-}
+SCHEMA = BOUNDED_OBJECT
 
 
 class Proc:

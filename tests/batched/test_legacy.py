@@ -47,18 +47,11 @@ def test_a_legacy_file_is_refused_until_converted(converted):
 
 def test_converted_file_logits_match_ctransformers_and_numpy_gptj(converted):
     pytest.importorskip("ctransformers.llm")
-    from tests.models import engine_logits, load_engine
+    from tests.models import ctransformers_logits
 
     _, path, ftype = converted
     tokens = [int(t) for t in np.random.default_rng(7).integers(0, MODEL["n_vocab"], PROMPT_LEN + 1)]
-    llm = load_engine(path)
-    try:
-        llm.eval(tokens[:PROMPT_LEN])
-        want = [engine_logits(llm, MODEL["n_vocab"])]
-        llm.eval(tokens[PROMPT_LEN:])
-        want.append(engine_logits(llm, MODEL["n_vocab"]))
-    finally:
-        del llm
+    want = ctransformers_logits(path, tokens, PROMPT_LEN, MODEL["n_vocab"])
     with BatchedEngine(str(path), EngineConfig(n_slots=2, threads=1)) as eng:
         got = [eng.prefill(1, tokens[:PROMPT_LEN]), eng.decode([(1, tokens[PROMPT_LEN])])[0]]
     ref = forward(read_tensors(path), read_hparams(path), tokens)

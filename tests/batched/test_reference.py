@@ -118,19 +118,12 @@ def test_partial_rotary_at_long_positions(tmp_path):
 def test_batched_logits_match_ctransformers(tmp_path, ftype):
     """Same file, same tokens, both engines in one process (ggml-python's symbols kept local)."""
     pytest.importorskip("ctransformers.llm")
-    from tests.models import engine_logits, load_engine
+    from tests.models import ctransformers_logits
 
     path = tmp_path / f"gptj-{ftype}.bin"
     write_model(path, GPTJConfig(ftype=ftype, **MODEL), seed=SEED)
     tokens = [int(t) for t in np.random.default_rng(7).integers(0, MODEL["n_vocab"], PROMPT_LEN + 1)]
-    llm = load_engine(path)
-    try:
-        llm.eval(tokens[:PROMPT_LEN])
-        want = [engine_logits(llm, MODEL["n_vocab"])]
-        llm.eval(tokens[PROMPT_LEN:])
-        want.append(engine_logits(llm, MODEL["n_vocab"]))
-    finally:
-        del llm
+    want = ctransformers_logits(path, tokens, PROMPT_LEN, MODEL["n_vocab"])
     with BatchedEngine(str(path), EngineConfig(n_slots=2, threads=1)) as eng:
         got = [eng.prefill(1, tokens[:PROMPT_LEN]), eng.decode([(1, tokens[PROMPT_LEN])])[0]]
     for g, w in zip(got, want):

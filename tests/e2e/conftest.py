@@ -105,6 +105,18 @@ def start_server(registry: Path, log: Path, extra_env: dict[str, str] | None = N
     raise RuntimeError(f"server not ready in time:\n{log.read_text()}")
 
 
+def serve_registry(text: str, folder: Path, extra_env: dict[str, str] | None = None):
+    """Start a server on a registry written from `text` into `folder`; a generator for module fixtures
+    (`yield from serve_registry(...)`): the server is stopped when the fixture ends."""
+    registry = folder / "registry.yaml"
+    registry.write_text(text)
+    srv = start_server(registry, folder / "server.log", extra_env)
+    try:
+        yield srv
+    finally:
+        stop_server(srv)
+
+
 def wait_for(predicate, timeout: float = 20.0) -> bool:
     """Poll a condition until it holds or the timeout passes; whether it held."""
     deadline = time.monotonic() + timeout
@@ -148,13 +160,8 @@ def with_engine(registry: str, engine: str) -> str:
 @pytest.fixture(scope="session")
 def ct_server(model_files, tmp_path_factory) -> Server:
     """The same models as `server`, through ctransformers (which stays selectable and tested)."""
-    d = tmp_path_factory.mktemp("ct-server")
-    registry = d / "registry.yaml"
-    text = with_engine(REGISTRY, "ctransformers")
-    registry.write_text(text.format(**{k: str(v) for k, v in model_files.items()}))
-    srv = start_server(registry, d / "server.log")
-    yield srv
-    stop_server(srv)
+    text = with_engine(REGISTRY, "ctransformers").format(**{k: str(v) for k, v in model_files.items()})
+    yield from serve_registry(text, tmp_path_factory.mktemp("ct-server"))
 
 
 @pytest.fixture(params=["ggml", "ctransformers"])

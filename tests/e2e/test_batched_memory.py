@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.batched import require_ggml
-from tests.e2e.conftest import ROOT, free_port, start_server, stop_server
+from tests.e2e.conftest import ROOT, free_port, serve_registry
 from tests.models import NO_EOS
 
 require_ggml()
@@ -42,12 +42,8 @@ LOADED = re.compile(r"INFO backends\.pool: worker 0 of (\S+) \(pid (\d+)\) loade
 
 @pytest.fixture(scope="module")
 def memory_server(model_files, tmp_path_factory):
-    d = tmp_path_factory.mktemp("batched-memory")
-    registry = d / "registry.yaml"
-    registry.write_text(REGISTRY.format(succ=model_files["succ"], slow=model_files["slow"]))
-    srv = start_server(registry, d / "server.log")
-    yield srv
-    stop_server(srv)
+    yield from serve_registry(REGISTRY.format(succ=model_files["succ"], slow=model_files["slow"]),
+                              tmp_path_factory.mktemp("batched-memory"))
 
 
 def _loaded(server) -> dict[str, re.Match]:

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.batched import require_ggml
-from tests.e2e.conftest import ROOT, free_port, start_server, stop_server
+from tests.e2e.conftest import ROOT, free_port, serve_registry
 from tests.e2e.sse import stream
 from tests.models import NO_EOS
 
@@ -42,12 +42,8 @@ SLOW = {"model": "slow", "prompt": "Once upon a time", "temperature": 1.0, **NO_
 
 @pytest.fixture(scope="module")
 def batched_server(model_files, tmp_path_factory):
-    d = tmp_path_factory.mktemp("batched")
-    registry = d / "registry.yaml"
-    registry.write_text(REGISTRY.format(succ=model_files["succ"], slow=model_files["slow"]))
-    srv = start_server(registry, d / "server.log")
-    yield srv
-    stop_server(srv)
+    yield from serve_registry(REGISTRY.format(succ=model_files["succ"], slow=model_files["slow"]),
+                              tmp_path_factory.mktemp("batched"))
 
 
 @pytest.fixture()

@@ -13,7 +13,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.e2e.conftest import start_server, stop_server, with_engine
+from tests.e2e.conftest import serve_registry, with_engine
 from tests.e2e.sse import stream
 from tests.models import write_random
 from tests.schemas import validate
@@ -43,11 +43,7 @@ def tool_server(request, tmp_path_factory):
     """A server of each engine whose random model has room for the tools in its prompt."""
     d = tmp_path_factory.mktemp(f"tools-{request.param}")
     rand = write_random(d / "rand.bin", n_ctx=2048)
-    registry = d / "registry.yaml"
-    registry.write_text(with_engine(REGISTRY, request.param).format(rand=rand))
-    srv = start_server(registry, d / "server.log")
-    yield srv
-    stop_server(srv)
+    yield from serve_registry(with_engine(REGISTRY, request.param).format(rand=rand), d)
 
 
 @pytest.fixture()
