@@ -18,7 +18,7 @@ from server.errors import install_error_handlers
 from server.lifecycle import Lifecycle
 from server.metrics import Metrics
 from server.middleware import RequestContext
-from server.routes import health, openai
+from server.routes import embeddings, health, openai, responses_api, ui
 from server.security import load_api_keys, open_paths, startup_notes
 from server.service import InferenceService
 from server.settings import Settings
@@ -82,6 +82,9 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     app.state.lifecycle = Lifecycle(settings.shutdown_grace)
     install_error_handlers(app)
     app.include_router(openai.router)
+    app.include_router(embeddings.router)
+    app.include_router(responses_api.router)
+    app.include_router(ui.router)
     app.include_router(health.router)
     install_docs(app)
     _add_middleware(app, settings, metrics, keys)

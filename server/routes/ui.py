@@ -1,0 +1,7 @@
+"""The built-in chat page (GET /) and its static files."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()
