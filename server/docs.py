@@ -7,7 +7,7 @@ from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 ASSETS_URL = "/docs-assets"
@@ -31,9 +31,30 @@ def assets_dir() -> str:
     return str(resources.files("fastapi_offline") / "static")
 
 
+# ReDoc's bundle shows a logo from its vendor's CDN in the menu's footer; offline it points nowhere (the image
+# fails to load and ReDoc hides it), so the docs never reach the network.
+REDOC_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
+REDOC_JS = "redoc.standalone.js"  # the bundle's own name, answered by the route below before the mount
+
+
+def redoc_script() -> bytes:
+    """The bundled ReDoc script without its one remote URL that a browser would load (its footer logo)."""
+    with open(f"{assets_dir()}/redoc.standalone.js", "rb") as f:
+        return f.read().replace(REDOC_LOGO, b"data:,")
+
+
 def install_docs(app: FastAPI) -> None:
     """Serve /docs (Swagger UI) and /redoc from local assets; build the app with docs_url=redoc_url=None."""
     app.description = (app.description or "") + AUTH_HELP
+    redoc_js: list[bytes] = []
+
+    @app.get(f"{ASSETS_URL}/{REDOC_JS}", include_in_schema=False)
+    async def redoc_bundle() -> Response:  # before the mount below, which would answer this path otherwise
+        if not redoc_js:
+            redoc_js.append(redoc_script())
+        return Response(redoc_js[0], media_type="text/javascript; charset=utf-8",
+                        headers={"Cache-Control": "max-age=3600", "X-Content-Type-Options": "nosniff"})
+
     app.mount(ASSETS_URL, StaticFiles(directory=assets_dir()), name="docs-assets")
     title = app.title
 
@@ -53,7 +74,7 @@ def install_docs(app: FastAPI) -> None:
     async def redoc(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
         return get_redoc_html(openapi_url=root + app.openapi_url, title=f"{title} - ReDoc",
-                              redoc_js_url=f"{root}{ASSETS_URL}/redoc.standalone.js",
+                              redoc_js_url=f"{root}{ASSETS_URL}/{REDOC_JS}",
                               redoc_favicon_url=f"{root}{ASSETS_URL}/favicon.png", with_google_fonts=False)
 
     _add_bearer_scheme(app)

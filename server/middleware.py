@@ -15,8 +15,8 @@ from server.errors import error_body
 
 access_log = logging.getLogger("gpt4all_j_server.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics", "/docs",
-           "/redoc", "/openapi.json"}
+_ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/embeddings", "/v1/responses", "/health",
+           "/ready", "/metrics", "/docs", "/redoc", "/openapi.json", "/"}
 _NO_BODY = {"GET", "HEAD", "OPTIONS"}  # no route reads a body for these: none is read or buffered
 
 
@@ -41,8 +41,12 @@ def route_label(path: str) -> str:
         return path
     if path.startswith("/v1/models/"):
         return "/v1/models/{model_id}"
+    if path.startswith("/v1/responses/"):
+        return "/v1/responses/{response_id}"
     if path.startswith("/docs-assets/"):
         return "/docs-assets/{file}"
+    if path.startswith("/ui/"):
+        return "/ui/{file}"
     return "other"
 
 
@@ -52,15 +56,16 @@ _GONE = object()  # marker: the request body never arrived whole, so the app is 
 class RequestContext:
     """Wraps every HTTP request: id, key check, body cap, then access log and metrics.
 
-    `open_paths` are served without a key; an entry ending in "/" opens every path below it.
+    `open_paths` are served without a key; an entry ending in "/" opens every path below it, except "/"
+    itself, which opens the root path alone (else it would open every path).
     """
 
     def __init__(self, app, *, keys: list[str], open_paths: set[str], max_body: int, metrics,
                  log_requests: bool) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
-        self.open_paths = {p for p in open_paths if not p.endswith("/")}
-        self.open_prefixes = tuple(p for p in open_paths if p.endswith("/"))
+        self.open_paths = {p for p in open_paths if not p.endswith("/") or p == "/"}
+        self.open_prefixes = tuple(p for p in open_paths if p.endswith("/") and p != "/")
         self.max_body = max_body
         self.metrics = metrics
         self.log_requests = log_requests

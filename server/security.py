@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from server.docs import DOCS_PATHS
+from server.routes.ui import UI_PREFIX
 
 if TYPE_CHECKING:
     from server.settings import Settings
@@ -58,8 +59,11 @@ def _check_key(key: str, where: str) -> None:
 
 
 def open_paths(settings: Settings) -> set[str]:
-    """Paths served without a key when keys are set; an entry ending in "/" opens everything below it."""
+    """Paths served without a key when keys are set; an entry ending in "/" opens everything below it, except
+    "/" itself, which is the chat page alone (its files hold no data: the page asks for a key)."""
     paths: set[str] = set()
+    if settings.ui:
+        paths |= {"/", UI_PREFIX}
     if not settings.auth_health:
         paths |= {"/health", "/ready"}
     if not settings.auth_metrics:
@@ -95,7 +99,7 @@ def startup_notes(settings: Settings, keys: list[str]) -> list[tuple[int, str]]:
     if keys:
         count = f"{len(keys)} key" + ("s" if len(keys) != 1 else "")
         note = f"API key authentication is on ({count})"
-        public = sorted(p + "*" if p.endswith("/") else p for p in open_paths(settings))
+        public = sorted(p + "*" if p.endswith("/") and p != "/" else p for p in open_paths(settings))
         if public:
             note += "; open without a key: " + ", ".join(public)
         return [(logging.INFO, note)]

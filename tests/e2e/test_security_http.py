@@ -170,6 +170,6 @@ def test_docs_open_without_a_key_only_when_configured(keyed):
 
 
 def test_startup_log_says_auth_is_on(keyed, open_srv):
-    assert ("API key authentication is on (2 keys); open without a key: /docs, /docs-assets/*, /health, "
-            "/metrics, /openapi.json, /ready, /redoc") in keyed.logs()
+    assert ("API key authentication is on (2 keys); open without a key: /, /docs, /docs-assets/*, /health, "
+            "/metrics, /openapi.json, /ready, /redoc, /ui/*") in keyed.logs()
     assert "API key authentication is off" in open_srv.logs()

@@ -88,9 +88,9 @@ def test_startup_notes():
 
 
 def test_open_paths_follow_the_auth_settings():
-    assert open_paths(Settings()) == {"/health", "/ready", "/metrics"}
-    assert open_paths(Settings(auth_health=True, auth_metrics=True)) == set()
-    docs = open_paths(Settings(auth_health=True, auth_metrics=True, auth_docs=False))
+    assert open_paths(Settings()) == {"/health", "/ready", "/metrics", "/", "/ui/"}
+    assert open_paths(Settings(auth_health=True, auth_metrics=True, ui=False)) == set()
+    docs = open_paths(Settings(auth_health=True, auth_metrics=True, auth_docs=False, ui=False))
     assert docs == {"/docs", "/redoc", "/openapi.json", "/docs-assets/"}
 
 
