@@ -28,6 +28,8 @@ from backends.types import (
 
 log = logging.getLogger(__name__)
 
+EMBED_UNSUPPORTED = ("the ctransformers engine cannot compute embeddings of GPT-J models (it gives no hidden "
+                     "states); serve the model with `engine: ggml`")
 MAX_BATCH = 32  # larger first batches overflow ctransformers' scratch pool (engine-facts.md)
 NON_FINITE = ("the model produced non-finite logits (NaN or infinity): its weights are probably corrupt; "
               "check or re-download the model file")
@@ -142,6 +144,9 @@ class Engine:
 
     def run(self, job: GenerationJob, should_stop: Callable[[], bool]) -> Iterator[object]:
         """Run one job, yielding Started, Tokens…, then Finished or Failed."""
+        if job.embed:  # ctransformers' GPT-J gives no hidden states (its embed() returns an empty list)
+            yield Failed(job.job_id, ErrorKind.INVALID_REQUEST, EMBED_UNSUPPORTED)
+            return
         try:
             prompt = self.tokenize(job.prompt) if isinstance(job.prompt, str) else list(job.prompt)
             budget = self._budget(job, prompt)

@@ -60,6 +60,7 @@ class GenerationJob:
     logprobs: int | None = None  # number of top alternatives per token; None = off
     time_limit: float | None = None  # seconds of generation; then it ends as LENGTH
     reuse_prefix: bool = True  # keep the common token prefix with the worker's previous sequence
+    embed: bool = False  # read the prompt and emit its Embedding instead of generating (batched engine only)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,15 @@ class Tokens:
     ids: list[int]
     pieces: list[bytes]
     logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """An embedding job's result: the mean of its prompt's final hidden states (after ln_f), L2-normalised,
+    as little-endian float32 bytes. Followed by Finished(STOP, 0)."""
+
+    job_id: int
+    vector: bytes
 
 
 @dataclass(frozen=True)
@@ -118,4 +128,4 @@ class ModelLimits:
     eos_token_id: int
 
 
-Event = Started | Tokens | Finished | Failed
+Event = Started | Tokens | Embedding | Finished | Failed

@@ -65,18 +65,24 @@ class Run:
                         sampling=plan.seed_for(index), logprobs=plan.logprobs,
                         time_limit=self.time_limit, reuse_prefix=self.pool.prefix_cache,
                     )
-                    self.handles.append(self.pool.submit(job, self.sink, index, self.group))
-                    self._open.add(index)
-        except QueueFull:
+                    self.queue(index, job)
+        except (QueueFull, ModelUnavailable) as exc:
             self.cancel()
-            raise APIError(503, "The server is overloaded: this model's queue is full. Retry shortly.",
-                           type="server_error", code="queue_full",
-                           headers={"Retry-After": str(self.retry_after)}) from None
-        except ModelUnavailable as exc:
-            self.cancel()
-            wait = exc.retry_after or self.retry_after
-            raise APIError(503, f"The {exc}. Retry in {wait}s.", type="server_error", code="model_unavailable",
-                           headers={"Retry-After": str(wait)}) from None
+            raise self.refused(exc) from None
+
+    def queue(self, index: int, job: GenerationJob) -> None:
+        """Submit one job whose events carry `index`; QueueFull or ModelUnavailable if the engine refuses it."""
+        self.handles.append(self.pool.submit(job, self.sink, index, self.group))
+        self._open.add(index)
+
+    def refused(self, exc: QueueFull | ModelUnavailable) -> APIError:
+        """The 503 for a job the engine refused: its queue is full, or it has nothing to run jobs on."""
+        if isinstance(exc, QueueFull):
+            return APIError(503, "The server is overloaded: this model's queue is full. Retry shortly.",
+                            type="server_error", code="queue_full", headers={"Retry-After": str(self.retry_after)})
+        wait = exc.retry_after or self.retry_after
+        return APIError(503, f"The {exc}. Retry in {wait}s.", type="server_error", code="model_unavailable",
+                        headers={"Retry-After": str(wait)})
 
     async def wait_first(self) -> None:
         """Wait until a job has started (so a stream can begin) or the first one failed (an HTTP error)."""

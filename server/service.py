@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Callable
 from backends.engine_api import Engines
 from backends.registry import Registry, ServedModel
 from backends.types import Failed, Finished, FinishReason, Started, Tokens
+from server.embeddings import can_embed
+from server.embeddings import create as create_embeddings
 from server.errors import APIError, model_not_downloaded, model_not_found, model_unavailable
 from server.lifecycle import Lifecycle
 from server.lifetime import Generation
@@ -17,6 +19,8 @@ from server.metrics import Metrics
 from server.middleware import RequestRecord
 from server.params import BIG_WORK, Plan, chat_plan, completion_plan, work_size
 from server.protocol import ChatCompletionRequest, CompletionRequest, Delta, ModelCard, ModelList
+from server.protocol.embeddings import EmbeddingRequest
+from server.protocol.responses import EmbeddingInfo
 from server.render import Renderer, chat_logprobs, completion_logprobs, dumps, usage
 from server.request_watch import CLOSED, Guard, Watch
 from server.runner import Run
@@ -80,7 +84,14 @@ class InferenceService:
         return self._card(self.resolve(name, record)).wire()
 
     def _card(self, m: ServedModel) -> ModelCard:
-        return ModelCard(id=m.spec.id, created=self.started_at, owned_by=m.spec.owned_by)
+        info = EmbeddingInfo(dimensions=m.info.n_embd) if can_embed(m) else None
+        return ModelCard(id=m.spec.id, created=self.started_at, owned_by=m.spec.owned_by, embedding=info)
+
+    # ---- embeddings ----
+    async def embeddings(self, req: EmbeddingRequest, disconnected: Callable, record: RequestRecord,
+                         lifecycle: Lifecycle | None = None) -> dict:
+        """POST /v1/embeddings (server/embeddings.py)."""
+        return await create_embeddings(self, req, disconnected, record, lifecycle)
 
     # ---- generation ----
     async def completions(self, req: CompletionRequest, disconnected: Callable, record: RequestRecord,

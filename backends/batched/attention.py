@@ -2,13 +2,15 @@
 
 * Flash (V stored like K, [head_dim, n_ctx, n_head, n_slots]): ggml's flash attention reads the cache in
   place. The decode tokens (at most one per slot) become one query per slot over every slot's cache (a
-  per-slot mask hides other positions and idle slots, whose rows come out zero); a prompt chunk attends
-  its own slot's cache (the slot is part of the graph's shape). Masked positions are skipped and no
+  per-slot mask hides other positions and idle slots, whose rows come out zero); each prompt chunk (one
+  per slot: a generation's prompt, embedding inputs) attends its own slot's cache in a flash attention of
+  its own (the chunks' slots and lengths are part of the graph's shape). Masked positions are skipped and no
   score matrix is built. ggml's CPU kernel accumulates V in f16 when V is f16: ~5e-3 logit error at
   768 positions, far below what quantized weights cost (~5e-2), so quantized models use it.
 * Expert (V transposed, [n_ctx, head_dim, n_head, n_slots]): each (slot, head) matrix is an "expert" of
   ggml_mul_mat_id, scores are masked and soft-maxed over the padded length, and every product sums in
   f32. Exact (f32/f16 weights) models keep this one: it stays within the clean GPT-J bound at any length.
+  Every token carries its own slot, so any mix of decode tokens and chunks is one graph shape.
 """
 
 from __future__ import annotations
@@ -23,18 +25,24 @@ from .lib import ggml
 
 @dataclass(frozen=True)
 class Shape:
-    """A graph's shape: decode tokens (one per slot), an optional prompt chunk of one slot, attended cache
-    length, rows of logits returned. The chunk's slot is -1 when the graph does not depend on it."""
+    """A graph's shape: decode tokens (one per slot), prompt chunks of distinct slots as (slot, length), attended
+    cache length, rows of logits returned, rows of final hidden states returned. A chunk's slot is -1 when the
+    graph does not depend on it."""
 
     n_dec: int
-    n_chunk: int
-    chunk_slot: int
+    chunks: tuple[tuple[int, int], ...]
     n_kv: int
     n_out: int
+    n_hid: int = 0
+
+    @property
+    def n_chunk(self) -> int:
+        """Prompt tokens evaluated (every chunk's)."""
+        return sum(n for _, n in self.chunks)
 
     @property
     def n_tokens(self) -> int:
-        """Tokens evaluated: the decode tokens first, then the chunk's."""
+        """Tokens evaluated: the decode tokens first, then the chunks' in order."""
         return self.n_dec + self.n_chunk
 
 
@@ -65,8 +73,8 @@ class FlashAttention:
             new_input(ctx, inputs, "dec_in", ggml.GGML_TYPE_I32, cache.n_slots)  # slot -> its decode token
             new_input(ctx, inputs, "dec_out", ggml.GGML_TYPE_I32, shape.n_dec)  # decode token -> its slot
             new_input(ctx, inputs, "dec_mask", ggml.GGML_TYPE_F16, shape.n_kv, 1, 1, cache.n_slots)
-        if shape.n_chunk:
-            new_input(ctx, inputs, "chunk_mask", ggml.GGML_TYPE_F16, shape.n_kv, shape.n_chunk)
+        for i, (_, n) in enumerate(shape.chunks):
+            new_input(ctx, inputs, f"chunk_mask{i}", ggml.GGML_TYPE_F16, shape.n_kv, n)
 
     def store(self, il: int, k, v):
         """Write the batch's K and V rows at each token's (slot, head, position); the written caches."""
@@ -93,21 +101,28 @@ class FlashAttention:
                                        self.inputs["dec_mask"], self.scale, 0.0, 0.0)
         return ggml.ggml_get_rows(ctx, ggml.ggml_reshape_2d(ctx, out, self.n_embd, c.n_slots), self.inputs["dec_out"])
 
-    def _chunk(self, q, k_st, v_st):
-        ctx, c, sh = self.ctx, self.cache, self.shape
+    def _chunk(self, q, k_st, v_st, i: int, slot: int, n: int, first: int):
+        """Chunk i (n tokens of one slot, from token `first` of the step) over its own slot's cache."""
+        ctx, c = self.ctx, self.cache
         nb = q.contents.nb
-        q_chunk = ggml.ggml_view_3d(ctx, q, c.head_dim, c.n_head, sh.n_chunk, nb[1], nb[2], sh.n_dec * nb[2])
-        q_chunk = ggml.ggml_permute(ctx, q_chunk, 0, 2, 1, 3)  # [head_dim, n_chunk, n_head]
-        offset = sh.chunk_slot * c.n_head * c.n_ctx * c.head_dim * c.elem_size
+        q_chunk = ggml.ggml_view_3d(ctx, q, c.head_dim, c.n_head, n, nb[1], nb[2], first * nb[2])
+        q_chunk = ggml.ggml_permute(ctx, q_chunk, 0, 2, 1, 3)  # [head_dim, n, n_head]
+        offset = slot * c.n_head * c.n_ctx * c.head_dim * c.elem_size
         out = ggml.ggml_flash_attn_ext(ctx, q_chunk, self._view(k_st, 1, offset), self._view(v_st, 1, offset),
-                                       self.inputs["chunk_mask"], self.scale, 0.0, 0.0)
-        return ggml.ggml_reshape_2d(ctx, out, self.n_embd, sh.n_chunk)
+                                       self.inputs[f"chunk_mask{i}"], self.scale, 0.0, 0.0)
+        return ggml.ggml_reshape_2d(ctx, out, self.n_embd, n)
 
     def __call__(self, q, k_st, v_st):
         """[n_embd, n_tokens] output for q [head_dim, n_head, n_tokens], decode tokens first."""
-        parts = ([self._decode(q, k_st, v_st)] if self.shape.n_dec else []) + \
-                ([self._chunk(q, k_st, v_st)] if self.shape.n_chunk else [])
-        return parts[0] if len(parts) == 1 else ggml.ggml_concat(self.ctx, parts[0], parts[1], 1)
+        parts = [self._decode(q, k_st, v_st)] if self.shape.n_dec else []
+        first = self.shape.n_dec
+        for i, (slot, n) in enumerate(self.shape.chunks):
+            parts.append(self._chunk(q, k_st, v_st, i, slot, n, first))
+            first += n
+        out = parts[0]
+        for part in parts[1:]:
+            out = ggml.ggml_concat(self.ctx, out, part, 1)
+        return out
 
     @staticmethod
     def fill(g, cache: KVCache, slots: np.ndarray, positions: np.ndarray, n_dec: int) -> None:
@@ -126,8 +141,10 @@ class FlashAttention:
             g.set_input("dec_in", dec_in)
             g.set_input("dec_out", dec.astype(np.int32))
             g.set_input("dec_mask", _mask(dec_mask, np.float16))
-        if n_dec < len(slots):
-            g.set_input("chunk_mask", _mask(visible[n_dec:], np.float16))
+        first = n_dec
+        for i, (_, n) in enumerate(g.shape.chunks):
+            g.set_input(f"chunk_mask{i}", _mask(visible[first:first + n], np.float16))
+            first += n
 
 
 class ExpertAttention:

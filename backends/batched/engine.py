@@ -104,11 +104,20 @@ class BatchedEngine:
     def step(self, decodes: list[tuple[int, int]], chunk: tuple[int, list[int]] | None = None
              ) -> tuple[np.ndarray, np.ndarray | None]:
         """One graph: decode tokens plus an optional prompt chunk; (decode logits, chunk's last logits)."""
+        logits, last, _ = self.step_pooled(decodes, chunk)
+        return logits, last
+
+    def step_pooled(self, decodes: list[tuple[int, int]], chunk: tuple[int, list[int]] | None = None,
+                    pooled: list[tuple[int, list[int]]] | tuple = ()
+                    ) -> tuple[np.ndarray, np.ndarray | None, list[np.ndarray]]:
+        """One graph: decode tokens, an optional prompt chunk (its last logits) and chunks of other slots whose
+        final hidden states (after ln_f) are summed, one float64 vector per pooled chunk (embeddings).
+        Returns (decode logits, chunk's last logits, pooled sums)."""
         slots = [self._check_slot(s) for s, _ in decodes]
         tokens = [int(t) for _, t in decodes]
         wants = [(s, 1) for s in slots]
-        if chunk is not None:
-            cslot, ctoks = self._check_slot(chunk[0]), [int(t) for t in chunk[1]]
+        for cslot, ctoks in ([chunk] if chunk is not None else []) + list(pooled):
+            cslot, ctoks = self._check_slot(cslot), [int(t) for t in ctoks]
             if not ctoks:
                 raise ValueError("a prompt chunk needs at least one token")
             slots += [cslot] * len(ctoks)
@@ -125,11 +134,17 @@ class BatchedEngine:
             seen[s] = seen.get(s, -1) + 1
             positions.append(self.cache.lengths[s] + seen[s])
         n_dec = len(decodes)
-        out_rows = list(range(n_dec)) + ([len(tokens) - 1] if chunk is not None else [])
-        logits = self._forward(slots, positions, tokens, out_rows, n_dec)
+        first_pooled = n_dec + (len(chunk[1]) if chunk is not None else 0)
+        out_rows = list(range(n_dec)) + ([first_pooled - 1] if chunk is not None else [])
+        logits, hidden = self._forward(slots, positions, tokens, out_rows, n_dec, wants[n_dec:],
+                                       list(range(first_pooled, len(tokens))))
         for s, n in wants:
             self.cache.lengths[s] += n
-        return logits[:n_dec], (logits[n_dec] if chunk is not None else None)
+        sums, at = [], 0
+        for _, ctoks in pooled:
+            sums.append(hidden[at:at + len(ctoks)].sum(axis=0, dtype=np.float64))
+            at += len(ctoks)
+        return logits[:n_dec], (logits[n_dec] if chunk is not None else None), sums
 
     def close(self) -> None:
         """Free graphs, cache, weights and backend."""
@@ -179,20 +194,24 @@ class BatchedEngine:
             self._graphs.popitem(last=False)[1].free()
         return g
 
-    def _forward(self, slots: list[int], positions: list[int], tokens: list[int], out: list[int],
-                 n_dec: int) -> np.ndarray:
-        """Run one graph over tokens at (slot, position), the first n_dec of them decode tokens of distinct
-        slots, the rest one slot's chunk; return logits of the `out` rows."""
+    def _forward(self, slots: list[int], positions: list[int], tokens: list[int], out: list[int], n_dec: int,
+                 chunks: list[tuple[int, int]], hid: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Run one graph over tokens at (slot, position): the first n_dec of them decode tokens of distinct
+        slots, then the chunks (slot, length) in order; return the logits of the `out` rows ([0, n_vocab]
+        when none) and the final hidden states of the `hid` rows (None when none)."""
         c = self.cache
         n_kv = min(c.n_ctx, -(-(max(positions) + 1) // KV_PAD) * KV_PAD)
-        n_chunk = len(tokens) - n_dec
-        chunk_slot = slots[n_dec] if n_chunk and not c.v_transposed else -1  # flash views the chunk's slot
-        g = self._graph(graphs.Shape(n_dec, n_chunk, chunk_slot, n_kv, len(out)))
-        graphs.fill_inputs(g, c, slots, positions, tokens, out)
+        if c.v_transposed:  # the expert form reads every token's own slot: its graph depends on neither
+            spans = ((-1, sum(n for _, n in chunks)),) if chunks else ()
+        else:  # flash views each chunk's slot
+            spans = tuple(chunks)
+        g = self._graph(graphs.Shape(n_dec, spans, n_kv, len(out), len(hid)))
+        graphs.fill_inputs(g, c, slots, positions, tokens, out + hid)
         status = ggml.ggml_backend_graph_compute(self.backend, g.graph)
         if status != 0:
             raise RuntimeError(f"ggml graph compute failed (status {status})")
-        return g.read_logits(self.n_vocab)
+        logits = g.read_logits(self.n_vocab) if out else np.zeros((0, self.n_vocab), dtype=np.float32)
+        return logits, (g.read_hidden(self.n_embd) if hid else None)
 
 
 def exact_weights(weights) -> bool:

@@ -9,6 +9,12 @@ emits Started/Tokens/Finished/Failed and retires finished sequences, freeing the
 step. Events follow backends.engine.Engine (ctransformers): Started after the prompt is evaluated (cached_tokens =
 prefix reused from the slot's previous sequence), EOS is not emitted nor counted, a job cancelled
 before it started gets only Finished(CANCELLED, 0), prompt + max_tokens must fit the context.
+
+An embedding job (job.embed) is read, not generated: its prompt is evaluated from position 0 of a slot (no
+prefix reuse) in chunks that share steps with other embedding inputs and with generation (up to chunk +
+n_slots tokens a step); the sums of its final hidden states come back with the step (BatchedEngine.step_pooled),
+and once the last chunk is read it emits Started, Embedding (mean, L2-normalised) and Finished(STOP, 0), and
+its slot is free at once.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from backends.budget import ContextOverflow, generation_budget
+from backends.budget import ContextOverflow, embedding_fits, generation_budget
 from backends.types import (
+    Embedding,
     ErrorKind,
     Failed,
     Finished,
@@ -56,6 +63,7 @@ class Seq:
     counts: dict[int, int] = field(default_factory=dict)  # generated token -> times (OpenAI penalties)
     deadline: float | None = None
     matcher: Any = None  # backends.grammar.Matcher of a constrained job: its mask shapes every pick
+    pooled: np.ndarray | None = None  # an embedding job: the sum of its final hidden states read so far
 
     @property
     def tokens(self) -> list[int]:
@@ -75,19 +83,25 @@ class Slot:
 
 @dataclass
 class Plan:
-    """One step for the core: resets (slot, keep) first, then decodes (slot, token) and one prompt chunk."""
+    """One step for the core: resets (slot, keep) first, then decodes (slot, token), one prompt chunk and the
+    chunks of embedding inputs (pooled: their final hidden states are summed, no logits)."""
 
     resets: list[tuple[int, int]]
     decodes: list[tuple[int, int]]
     chunk: tuple[int, list[int]] | None
     rows: list[Seq]  # the sequence of each decode row
     chunk_seq: Seq | None
+    pooled: list[tuple[int, list[int]]] = field(default_factory=list)
+    pooled_seqs: list[Seq] = field(default_factory=list)
 
 
 def run_plan(core, plan: Plan):
-    """Run a plan on a core with reset(slot, keep) and step(decodes, chunk) (BatchedEngine)."""
+    """Run a plan on a core with reset(slot, keep), step(decodes, chunk) and, when the plan reads embedding
+    inputs, step_pooled(decodes, chunk, pooled) (BatchedEngine)."""
     for slot, keep in plan.resets:
         core.reset(slot, keep)
+    if plan.pooled:
+        return core.step_pooled(plan.decodes, plan.chunk, plan.pooled)
     return core.step(plan.decodes, plan.chunk)
 
 
@@ -145,8 +159,12 @@ class Scheduler:
         if job.job_id in self.sequences:
             raise ValueError(f"job {job.job_id} is already scheduled")
         try:
-            budget = self._budget(job, tokens)
-            matcher = self.matcher_for(job) if self.matcher_for is not None else None
+            if job.embed:  # read, not generated: it only has to fit the context
+                embedding_fits(tokens, self.n_ctx, self.n_vocab)
+                budget, matcher = 0, None
+            else:
+                budget = self._budget(job, tokens)
+                matcher = self.matcher_for(job) if self.matcher_for is not None else None
         except ContextOverflow as exc:
             self.emit(Failed(job.job_id, ErrorKind.CONTEXT_LENGTH, str(exc)))
             return False
@@ -193,15 +211,32 @@ class Scheduler:
             self.prefilling.append(seq)
         rows = [s.seq for s in self.slots if s.seq is not None and s.seq.state == RUNNING]
         decodes = [(seq.slot, seq.generated[-1]) for seq in rows]
-        chunk, chunk_seq = None, None
-        if self.prefilling:
-            chunk_seq = self.prefilling[0]
+        chunk, chunk_seq = None, next((s for s in self.prefilling if not s.job.embed), None)
+        if chunk_seq is not None:
             done = len(self.slots[chunk_seq.slot].tokens)
             chunk = (chunk_seq.slot, chunk_seq.prompt[done:done + self.chunk_size(len(decodes))])
-        if not decodes and chunk is None:
+        pooled, pooled_seqs = self._pooled(len(decodes) + (len(chunk[1]) if chunk else 0))
+        if not decodes and chunk is None and not pooled:
             return None
-        self._pending = Plan(resets, decodes, chunk, rows, chunk_seq)
+        self._pending = Plan(resets, decodes, chunk, rows, chunk_seq, pooled, pooled_seqs)
         return self._pending
+
+    def _pooled(self, used: int) -> tuple[list[tuple[int, list[int]]], list[Seq]]:
+        """Chunks of the embedding inputs being read, FIFO, in the rows a step has left: a step evaluates at most
+        chunk + n_slots tokens (the engine's memory estimate); each input holding a slot leaves a decode row
+        free, so the first one always gets a token."""
+        room = self.chunk + len(self.slots) - used
+        chunks, seqs = [], []
+        for seq in self.prefilling:
+            if room <= 0:
+                break
+            if seq.job.embed:
+                done = len(self.slots[seq.slot].tokens)
+                part = seq.prompt[done:done + room]
+                chunks.append((seq.slot, part))
+                seqs.append(seq)
+                room -= len(part)
+        return chunks, seqs
 
     def chunk_size(self, n_decodes: int) -> int:
         """Prompt tokens to evaluate beside n_decodes decode rows: the chunk, trimmed to end on a row tile."""
@@ -209,16 +244,23 @@ class Scheduler:
             return self.chunk
         return self.chunk - (n_decodes + self.chunk) % ROW_TILE
 
-    def apply(self, result: tuple[np.ndarray, np.ndarray | None]) -> None:
-        """Take the core's (decode logits [B, V], chunk's last logits) for the pending plan; advance sequences."""
+    def apply(self, result: tuple) -> None:
+        """Take the core's (decode logits [B, V], chunk's last logits[, pooled sums]) for the pending plan;
+        advance sequences."""
         plan, self._pending = self._pending, None
         if plan is None:
             raise RuntimeError("no plan to apply")
-        logits, chunk_logits = result
+        logits, chunk_logits, *pooled = result  # step_pooled adds the pooled chunks' sums
         for slot, token in plan.decodes:  # the cache advanced whatever happened to its sequence since
             self.slots[slot].tokens.append(token)
         if plan.chunk is not None:
             self.slots[plan.chunk[0]].tokens.extend(plan.chunk[1])
+        for (slot, part), seq, total in zip(plan.pooled, plan.pooled_seqs, pooled[0] if pooled else ()):
+            self.slots[slot].tokens.extend(part)
+            if seq.state == PREFILL:  # not cancelled since the plan
+                seq.pooled = total if seq.pooled is None else seq.pooled + total
+                if len(self.slots[slot].tokens) == len(seq.prompt):
+                    self._embedded(seq)
         for i, seq in enumerate(plan.rows):
             if seq.state == RUNNING:
                 self._advance(seq, logits[i])
@@ -236,13 +278,29 @@ class Scheduler:
 
     # internals
 
+    def _embedded(self, seq: Seq) -> None:
+        """An embedding input is read: emit Started, its normalised mean vector and Finished; free its slot."""
+        job_id = seq.job.job_id
+        self.prefilling.remove(seq)
+        seq.state = RUNNING
+        self.emit(Started(job_id, len(seq.prompt), 0))
+        mean = seq.pooled / len(seq.prompt)
+        norm = float(np.linalg.norm(mean))
+        if not (np.isfinite(mean).all() and np.isfinite(norm) and norm > 0):
+            self.slots[seq.slot].tokens.clear()
+            self._retire(seq, Failed(job_id, ErrorKind.INTERNAL, NON_FINITE))
+            return
+        self.emit(Embedding(job_id, (mean / norm).astype("<f4").tobytes()))
+        self._retire(seq, Finished(job_id, FinishReason.STOP, 0))
+
     def _budget(self, job: GenerationJob, prompt: list[int]) -> int:
         """Tokens the job may generate; ValueError (bad prompt) or ContextOverflow (does not fit)."""
         return generation_budget(prompt, job.max_tokens, self.n_ctx, self.n_vocab)
 
     def _keep(self, seq: Seq, slot: Slot) -> int:
-        """Prompt tokens a slot's cache can keep for a sequence (at least one token is always evaluated)."""
-        if not seq.job.reuse_prefix:
+        """Prompt tokens a slot's cache can keep for a sequence (at least one token is always evaluated; an
+        embedding input is read whole, as its every hidden state is pooled)."""
+        if not seq.job.reuse_prefix or seq.job.embed:
             return 0
         return min(common_prefix(seq.prompt, slot.tokens), len(seq.prompt) - 1)
 

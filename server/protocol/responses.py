@@ -182,6 +182,16 @@ class ChatCompletionChunk(_Response):
     system_fingerprint: str | None = None
 
 
+class EmbeddingInfo(_Response):
+    """How a model's /v1/embeddings vectors are made: the mean over the input's tokens of GPT-J's final hidden
+    states (after the final layer norm ln_f, before lm_head), L2-normalised."""
+
+    dimensions: int
+    pooling: Literal["mean"] = "mean"
+    normalized: bool = True
+    _CONSTANTS = ("object", "role", "type", "pooling", "normalized")
+
+
 class ModelCard(_Response):
     """An entry of GET /v1/models."""
 
@@ -189,6 +199,7 @@ class ModelCard(_Response):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    embedding: EmbeddingInfo | None = None  # extension: null when the model's engine cannot embed
 
 
 class ModelList(_Response):

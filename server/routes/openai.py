@@ -10,9 +10,15 @@ from sse_starlette.sse import AppStatus
 
 from server.errors import JSONBody
 from server.protocol import (
-    ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ErrorResponse, ModelCard, ModelList,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
 )
-from server.service import InferenceService
+from server.routes.common import disconnect_waiter, inference, lifecycle
 
 # sse-starlette would end every open stream itself as soon as uvicorn is told to exit (or after its own
 # grace): mid-way, with no error event and no [DONE]. Streams here end through the shutdown lifecycle
@@ -53,22 +59,6 @@ def _generation_responses(whole: type, chunk: str) -> dict:
     return {200: ok, **_GENERATION_ERRORS}
 
 
-def _service(request: Request) -> InferenceService:
-    return request.app.state.service
-
-
-def _disconnect_waiter(request: Request):
-    """An awaitable factory that returns when the client disconnects."""
-
-    async def wait() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    return wait
-
-
 def _respond(result) -> JSONBody | EventSourceResponse:
     if isinstance(result, dict):
         return JSONBody(result)
@@ -100,31 +90,27 @@ async def _sse(payloads):
             yield f"data: {data}\r\n\r\n".encode()
 
 
-def _lifecycle(request: Request):
-    return getattr(request.app.state, "lifecycle", None)
-
-
 @router.post("/completions", responses=_generation_responses(Completion, "`text_completion`"))
 async def create_completion(body: CompletionRequest, request: Request):
     """Create a text completion."""
-    service = _service(request)
-    return _respond(await service.completions(body, _disconnect_waiter(request), request.state.record,
-                                              _lifecycle(request)))
+    service = inference(request)
+    return _respond(await service.completions(body, disconnect_waiter(request), request.state.record,
+                                              lifecycle(request)))
 
 
 @router.post("/chat/completions", responses=_generation_responses(ChatCompletion, "`chat.completion.chunk`"))
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     """Create a chat completion."""
-    service = _service(request)
-    return _respond(await service.chat(body, _disconnect_waiter(request), request.state.record,
-                                       _lifecycle(request)))
+    service = inference(request)
+    return _respond(await service.chat(body, disconnect_waiter(request), request.state.record,
+                                       lifecycle(request)))
 
 
 @router.get("/models", responses={200: {"model": ModelList, "description": "The served models."},
                                   401: _AUTH, "default": _OTHER})
 async def list_models(request: Request):
     """List the models that can be served now."""
-    return _service(request).list_models()
+    return inference(request).list_models()
 
 
 @router.get("/models/{model_id:path}", responses={
@@ -136,4 +122,4 @@ async def list_models(request: Request):
 })
 async def get_model(model_id: str, request: Request):
     """Describe one model."""
-    return _service(request).get_model(model_id, request.state.record)
+    return inference(request).get_model(model_id, request.state.record)

@@ -23,12 +23,14 @@ server) and reported together, grouped, with the request, the response and the s
 
 from __future__ import annotations
 
+import base64
 import collections
 import json
 import time
 from dataclasses import dataclass
 
 import httpx
+import numpy as np
 import pytest
 import requests
 import schemathesis
@@ -49,6 +51,8 @@ PLAN = [
     ("POST", "/v1/chat/completions", NEG, 200),
     ("GET", "/v1/models", POS, 5),
     ("GET", "/v1/models/{model_id}", POS, 250),
+    ("POST", "/v1/embeddings", POS, 100),
+    ("POST", "/v1/embeddings", NEG, 100),
 ]
 MIN_REQUESTS = 1000
 SMALL_BUDGET = 16  # token budgets above this (and within any context) are replaced by 0..16
@@ -63,6 +67,7 @@ SUCCESS_ROOTS = {
     ("POST", "/v1/chat/completions"): ("chat_completion", "chat_chunk"),
     ("GET", "/v1/models"): ("model_list", None),
     ("GET", "/v1/models/{model_id}"): ("model", None),
+    ("POST", "/v1/embeddings"): ("embedding_response", None),
 }
 
 
@@ -175,10 +180,19 @@ def _check(method: str, path: str, response) -> list[tuple[str, str]]:
     if ctype.startswith("text/event-stream"):
         return _check_stream(text, chunk)
     try:
-        validate(whole, json.loads(text))
+        validate(whole, _floats(json.loads(text)))
     except Exception as exc:  # noqa: BLE001 - any failure to parse or validate is the finding
         return [("2xx body not OpenAI's shape", f"{whole}: {type(exc).__name__}: {_short(str(exc), 300)}")]
     return []
+
+
+def _floats(body: object) -> object:
+    """An embedding list with base64 vectors decoded to floats (OpenAI's schema describes only floats)."""
+    if isinstance(body, dict) and body.get("object") == "list":
+        for item in body.get("data") or []:
+            if isinstance(item, dict) and isinstance(item.get("embedding"), str):
+                item["embedding"] = np.frombuffer(base64.b64decode(item["embedding"]), "<f4").tolist()
+    return body
 
 
 def _error_shape(text: str) -> list[tuple[str, str]]:

@@ -137,8 +137,10 @@ def forward(
     ggml_f16: bool = False,
     weight_type: str | None = None,
     dtype=np.float64,
+    hidden: bool = False,
 ) -> np.ndarray:
-    """Logits for every position: array [len(tokens), n_vocab].
+    """Logits for every position: array [len(tokens), n_vocab] (with ``hidden=True``: the final hidden
+    states, after ``ln_f`` and before ``lm_head``, array [len(tokens), n_embd]).
 
     ``tensors`` maps the Hugging Face GPT-J state-dict names to arrays shaped (rows, row_len);
     ``hparams`` needs n_vocab, n_embd, n_head, n_layer, n_rot. ``weight_type`` ("f32", "f16" or
@@ -202,7 +204,16 @@ def forward(
         x = x + attn + mlp
 
     x = layer_norm(x, t("transformer.ln_f.weight"), t("transformer.ln_f.bias"))
+    if hidden:
+        return x
     return _linear(a16(x), t("lm_head.weight"), t("lm_head.bias"))
+
+
+def pooled_embedding(tensors: dict[str, np.ndarray], hparams: dict, tokens: list[int], **kwargs) -> np.ndarray:
+    """The embedding of a token sequence: the mean over its positions of GPT-J's final hidden states (after
+    ``ln_f``, before ``lm_head``), L2-normalised; ``kwargs`` as ``forward``'s."""
+    mean = forward(tensors, hparams, tokens, hidden=True, **kwargs).mean(axis=0)
+    return mean / np.linalg.norm(mean)
 
 
 # --------------------------------------------------------------------------------------------
