@@ -18,6 +18,8 @@ from server.errors import install_error_handlers
 from server.lifecycle import Lifecycle
 from server.metrics import Metrics
 from server.middleware import RequestContext
+from server.responses.service import ResponsesService
+from server.responses.store import store_for
 from server.routes import embeddings, health, openai, responses_api, ui
 from server.security import load_api_keys, open_paths, startup_notes
 from server.service import InferenceService
@@ -68,11 +70,15 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         metrics.watch_pool(pool)
         app.state.pool = pool
         app.state.service = InferenceService(registry, pool, settings, metrics)
+        store = store_for(settings.responses_db, settings.data_dir, settings.responses_max_stored,
+                          settings.responses_ttl_days)
+        app.state.responses = ResponsesService(app.state.service, store, settings.max_body_bytes)
         _log_startup(registry, pool)
         try:
             yield
         finally:
             await pool.stop()
+            store.close()
 
     app = FastAPI(title="gpt4all-j-server", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible server for GPT4All-J and other GGML GPT-J models.")

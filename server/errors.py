@@ -73,6 +73,11 @@ def model_unavailable(model_id: str, reason: str, retry_after: int) -> APIError:
                     code="model_unavailable", headers={"Retry-After": str(retry_after)})
 
 
+def response_not_found(response_id: str) -> APIError:
+    """404 for a stored response that is unknown, expired, deleted or was never stored (store: false)."""
+    return APIError(404, f"Response with id '{shorten(response_id, 100)}' not found.", code="not_found")
+
+
 def internal_error() -> APIError:
     """500 internal_error: a failure of the server itself (the details go to the log, not the client)."""
     return APIError(500, "The server had an error while processing your request.", type="server_error",
@@ -109,10 +114,11 @@ _TYPE_TAG = re.compile(r"^(str|int|float|bool|list|dict|none)$|[\[\-]")
 
 
 def param_name(loc: tuple) -> str | None:
-    """A request field path like messages[0].content, without pydantic's union-member tags."""
+    """A request field path like messages[0].content (or a query parameter's name, like limit), without
+    pydantic's union-member tags."""
     out = ""
-    for part in loc:
-        if part == "body":
+    for i, part in enumerate(loc):
+        if i == 0 and part in ("body", "query", "path"):
             continue
         if isinstance(part, int):
             out += f"[{part}]"

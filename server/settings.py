@@ -32,7 +32,8 @@ class Settings(BaseSettings):
     queue_timeout: float = Field(60.0, ge=0, description="Seconds a request may wait for a worker (0 = no limit).")
     request_timeout: float = Field(600.0, ge=0,
                                    description="Seconds of generation per request; then it ends with "
-                                               "finish_reason 'length' (0 = no limit).")
+                                               "finish_reason 'length' (an embedding request with a 503 "
+                                               "request_timeout; 0 = no limit).")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024,
                                 description="Largest request body accepted; on the wire a request may send at "
                                             "most twice this plus --max-header-bytes after its headers (chunk "
@@ -93,6 +94,18 @@ class Settings(BaseSettings):
                                               "too; --no-auth-docs lets a browser open the docs (they show the "
                                               "API, not its data).")
     cors_origins: CommaList = Field([], description="Origins allowed by CORS (comma-separated); none = CORS off.")
+    # the chat page, embeddings and the Responses API
+    ui: bool = Field(True, description="Serve the chat page at / (its files hold no data; when the server has "
+                                       "keys, the page asks for one and keeps it in the browser).")
+    max_embedding_inputs: int = Field(2048, ge=1, description="Most inputs in one /v1/embeddings request.")
+    responses_db: Path | None = Field(None, description="SQLite file of stored Responses API responses (created "
+                                                        "at the first one); unset = responses.sqlite3 in the "
+                                                        "data folder.")
+    responses_max_stored: int = Field(10_000, ge=0, description="Most stored responses; beyond it the oldest "
+                                                                "are deleted (0 = store none: store is echoed "
+                                                                "false).")
+    responses_ttl_days: float = Field(30.0, ge=0, description="Days a stored response is kept: older ones are "
+                                                              "not served and are deleted (0 = no expiry).")
     # operation
     log_level: str = Field("info", description="Log level: debug, info, warning or error.")
     log_format: Literal["text", "json"] = Field("text", description="Log line format: text (one line, "

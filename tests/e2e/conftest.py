@@ -83,7 +83,9 @@ def start_server(registry: Path, log: Path, extra_env: dict[str, str] | None = N
     """Start `python -m server serve` and wait until /ready says ready."""
     port = port or free_port()
     # entries without `threads` get 1 engine thread: test servers share 2 cores with each other
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GPT4ALL_J_DEFAULT_THREADS": "1", **(extra_env or {})}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GPT4ALL_J_DEFAULT_THREADS": "1",
+           # state (stored responses) next to the log, never in the user's data folder
+           "GPT4ALL_J_DATA_DIR": str(log.parent / "data"), **(extra_env or {})}
     out = log.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "serve", "--registry", str(registry), "--port", str(port),
