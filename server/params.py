@@ -323,6 +323,8 @@ def _messages(messages: list[Any], model: ServedModel) -> list[tuple[str, ...]]:
             raise unsupported(f"{where}.audio")
         if m.name and m.role not in ("tool", "function"):
             raise unsupported(f"{where}.name", "the prompt templates do not write participant names")
+        if m.role == "tool":
+            _check_answer(where, m.tool_call_id, names)
         if m.role in ("tool", "function"):
             name = m.name if m.role == "function" else names.get(m.tool_call_id or "", m.name or "")
             if m.role == "function" and not name:
@@ -334,6 +336,16 @@ def _messages(messages: list[Any], model: ServedModel) -> list[tuple[str, ...]]:
             text += model.template.calls_text(_calls(where, m, names))
         turns.append((m.role, text))
     return turns
+
+
+def _check_answer(where: str, call_id: str | None, names: dict[str, str]) -> None:
+    """A tool message must answer a call of an earlier assistant message (by its tool_call_id), as OpenAI
+    requires; else the template would render a result for a call that was never made."""
+    if call_id is None:
+        raise bad_request(f"{where}.tool_call_id is required for role 'tool'.", f"{where}.tool_call_id")
+    if call_id not in names:
+        raise bad_request(f"{where} has role 'tool' but its tool_call_id '{shorten(call_id, 64)}' answers no "
+                          "tool call of an earlier assistant message.", f"{where}.tool_call_id")
 
 
 def _calls(where: str, m: Any, names: dict[str, str]) -> list[dict]:

@@ -172,6 +172,21 @@ def test_a_history_with_calls_and_results_is_served(client):
     assert longer["usage"]["prompt_tokens"] > chat(client, max_tokens=4, seed=1)["usage"]["prompt_tokens"]
 
 
+@pytest.mark.parametrize("answer,why", [
+    ({"role": "tool", "tool_call_id": "call_zz", "content": "4"}, "answers no tool call"),
+    ({"role": "tool", "content": "4"}, "is required"),
+])
+def test_a_tool_result_must_answer_an_earlier_call(client, answer, why):
+    history = USER + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_a", "type": "function", "function": {"name": "roll", "arguments": '{"sides": 6}'}}]},
+        answer]
+    r = client.post("/chat/completions", json={"model": "rand", "messages": history, "max_tokens": 4})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "messages[2].tool_call_id" and why in err["message"]
+
+
 def test_definitions_and_pointers_in_parameters_resolve_and_non_objects_are_a_400(client):
     params = {"type": "object", "properties": {"a": {"$ref": "#/definitions/A"}, "b": {"$ref": "#/properties/a"}},
               "required": ["a", "b"], "additionalProperties": False,
