@@ -69,13 +69,14 @@ export async function listModels(key) {
   return data.map((m) => m && m.id).filter((id) => typeof id === "string" && id);
 }
 
-/** Yield each parsed `data:` payload of an SSE body; "[DONE]" ends it, a body that ends without it is a
- * reply cut off (the connection closed early: a proxy, a crash), never taken for a complete one. */
+/** Yield [payload, read] for each parsed `data:` payload of an SSE body, `read` numbering the network reads
+ * (payloads of one read arrived together); "[DONE]" ends it, a body that ends without it is a reply cut off
+ * (the connection closed early: a proxy, a crash), never taken for a complete one. */
 async function* events(body) {
   const reader = body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
-  for (;;) {
+  for (let read = 1; ; read++) {
     const { value, done } = await reader.read();
     if (done) break;
     buffer += decoder.decode(value, { stream: true });
@@ -87,14 +88,15 @@ async function* events(body) {
       if (!data.length) continue; // a comment (keep-alive ping)
       const text = data.join("\n");
       if (text === "[DONE]") return;
-      yield JSON.parse(text);
+      yield [JSON.parse(text), read];
     }
   }
   throw new ApiError("The reply was cut off: the connection to the server closed before the reply ended.");
 }
 
 /**
- * Stream a chat completion: onDelta(text) for each piece of the reply; resolves with
+ * Stream a chat completion: onDelta(text, read) for each piece of the reply (`read`: which network read
+ * brought it); resolves with
  * {usage, finish_reason}. Aborting `signal` closes the connection, which stops the generation on the server.
  */
 export async function streamChat(request, { key, signal, onDelta }) {
@@ -105,13 +107,13 @@ export async function streamChat(request, { key, signal, onDelta }) {
   let usage = null;
   let finish = null;
   try {
-    for await (const event of events(response.body)) {
+    for await (const [event, read] of events(response.body)) {
       if (event.error) {
         throw new ApiError(explain(0, event.error, null), { code: event.error.code }); // ended mid-reply
       }
       if (event.usage) usage = event.usage;
       for (const choice of event.choices || []) {
-        if (choice.delta && choice.delta.content) onDelta(choice.delta.content);
+        if (choice.delta && choice.delta.content) onDelta(choice.delta.content, read);
         if (choice.finish_reason) finish = choice.finish_reason;
       }
     }

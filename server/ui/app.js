@@ -188,15 +188,17 @@ async function reply() {
   let first = null;
   let last = null;
   let chunks = 0;
+  const reads = new Set();
   let ended = "";
   let usage = null;
   try {
     const result = await streamChat(body, {
       key: ui.apiKey.value.trim(), signal: controller.signal,
-      onDelta: (text) => {
+      onDelta: (text, read) => {
         last = performance.now();
         if (first === null) first = last;
         chunks += 1;
+        reads.add(read);
         message.content += text;
         showLive(current, message);
       },
@@ -213,7 +215,7 @@ async function reply() {
   }
   const end = usage ? performance.now() : last ?? performance.now();
   if (!message.content && ended === "failed") current.messages.pop();
-  else message.stats = stats({ started, first, end, usage, chunks, ended });
+  else message.stats = stats({ started, first, end, usage, chunks, reads: reads.size, ended });
   current.updated = Date.now();
   if (state.controller === controller) state.controller = null;
   setBusy(state.controller !== null);
@@ -236,16 +238,24 @@ function showLive(current, message) {
   });
 }
 
+// A reply whose pieces reached the page in fewer network reads than this came in a burst (a fast model, or
+// pieces the network joined): their arrival times say nothing about the model's speed.
+const MIN_READS = 3;
+
 /** A reply's statistics; without the server's usage (after Stop) the streamed pieces are counted instead. */
-function stats({ started, first, end, usage, chunks, ended }) {
+function stats({ started, first, end, usage, chunks, reads, ended }) {
   const out = { ttft: first === null ? null : Math.round(first - started), ended: ended || null };
   const seconds = (end - (first ?? started)) / 1000;
+  const burst = reads < MIN_READS || !(seconds > 0);
   if (usage) {
     out.tokens = usage.completion_tokens;
-    if (usage.completion_tokens > 1 && seconds > 0) out.tokensPerSecond = (usage.completion_tokens - 1) / seconds;
+    if (burst && out.tokens > 0 && end > started) { // at least this fast: every token within the whole request's time
+      out.tokensPerSecond = out.tokens / ((end - started) / 1000);
+      out.atLeast = true;
+    } else if (out.tokens > 1) out.tokensPerSecond = (out.tokens - 1) / seconds;
   } else if (chunks) {
     out.chunks = chunks;
-    if (chunks > 1 && seconds > 0) out.chunksPerSecond = (chunks - 1) / seconds;
+    if (chunks > 1 && !burst) out.chunksPerSecond = (chunks - 1) / seconds;
   }
   return out;
 }

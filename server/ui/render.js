@@ -84,14 +84,36 @@ function codeBlock(part) {
   return box;
 }
 
-/** Replace the children of `node` with the rendered message text. */
-export function renderContent(node, text) {
-  const nodes = [];
+// What each rendered node shows, block by block ({key, el}): a re-render (every frame of a streaming reply)
+// keeps the blocks whose text did not change, so the cost is that of the growing end, not of the whole reply,
+// and a focused or "Copied" button in an earlier code block stays as it is.
+const shown = new WeakMap();
+
+function blocks(text) {
+  const out = [];
   for (const part of splitFences(text)) {
-    if (part.kind === "code") nodes.push(codeBlock(part));
+    if (part.kind === "code") out.push({ key: `code ${part.lang}\n${part.text}`, make: () => codeBlock(part) });
     else {
-      for (const para of part.text.split(/\n{2,}/)) if (para.trim()) nodes.push(inline(para.replace(/^\n+|\n+$/g, "")));
+      for (const para of part.text.split(/\n{2,}/)) {
+        if (!para.trim()) continue;
+        const clean = para.replace(/^\n+|\n+$/g, "");
+        out.push({ key: `text\n${clean}`, make: () => inline(clean) });
+      }
     }
   }
-  node.replaceChildren(...nodes);
+  return out;
+}
+
+/** Make the children of `node` the rendered message text (re-using the blocks that did not change). */
+export function renderContent(node, text) {
+  const before = shown.get(node) || [];
+  const after = blocks(text).map((b, i) => {
+    const old = before[i];
+    return old && old.key === b.key && old.el.parentNode === node ? old : { key: b.key, el: b.make() };
+  });
+  after.forEach((b, i) => {
+    if (node.children[i] !== b.el) node.insertBefore(b.el, node.children[i] || null);
+  });
+  while (node.children.length > after.length) node.lastElementChild.remove();
+  shown.set(node, after);
 }

@@ -14,13 +14,15 @@ const num = (v) => typeof v === "number" && Number.isFinite(v);
 
 /**
  * The statistics line of a finished reply: time to first token, tokens/s, tokens, how it ended. After Stop
- * the server sends no usage, so the rate and count are those of the streamed pieces, marked "≈".
+ * the server sends no usage, so the rate and count are those of the streamed pieces, marked "≈"; a reply
+ * that arrived in one burst has a lower bound of its rate (over the whole request), marked "≥".
  */
 export function statsText(stats) {
   if (!stats || typeof stats !== "object") return "";
   const parts = [];
   if (num(stats.ttft)) parts.push(`TTFT ${(stats.ttft / 1000).toFixed(2)} s`);
-  if (num(stats.tokensPerSecond)) parts.push(`${stats.tokensPerSecond.toFixed(1)} tokens/s`);
+  const floor = stats.atLeast ? "≥ " : "";
+  if (num(stats.tokensPerSecond)) parts.push(`${floor}${stats.tokensPerSecond.toFixed(1)} tokens/s`);
   if (num(stats.tokens)) parts.push(`${stats.tokens} tokens`);
   if (!num(stats.tokens) && num(stats.chunks)) {
     if (num(stats.chunksPerSecond)) parts.push(`≈ ${stats.chunksPerSecond.toFixed(1)} tokens/s`);

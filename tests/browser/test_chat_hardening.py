@@ -256,3 +256,35 @@ def test_scroll_follows_the_reply_unless_the_reader_scrolled_up(chat_server, ope
     wait_reply_done(tab)
     assert _scroll(tab)["top"] == 0  # nor did its end
     assert wait_idle(chat_server, "long")
+
+
+def test_a_growing_reply_re_renders_only_its_end(chat_server, open_tab):
+    """Each frame of a streaming reply renders the text so far: blocks that did not change keep their nodes
+    (the cost is that of the growing end, not of the whole reply), and a changed block is replaced."""
+    tab = open_tab(chat_server.base + "/")
+    kept = tab.page.evaluate("""async () => {
+        const r = await import('./ui/render.js');
+        const d = document.createElement('div');
+        r.renderContent(d, 'First paragraph.\\n\\n```js\\nlet a = 1;\\n```\\n\\nThe end is gro');
+        const [p, code, last] = d.children;
+        r.renderContent(d, 'First paragraph.\\n\\n```js\\nlet a = 1;\\n```\\n\\nThe end is growing.\\n\\nNew');
+        const same = [d.children[0] === p, d.children[1] === code, d.children[2] === last];
+        r.renderContent(d, 'Changed paragraph.');
+        return [same, d.children.length, d.textContent]; }""")
+    assert kept == [[True, True, False], 1, "Changed paragraph."]
+
+
+def test_a_reply_that_arrives_in_one_burst_shows_a_lower_bound_of_its_rate(chat_server, open_tab):
+    """Pieces that reach the page together (a fast model, or the network joining them) carry no timing: the
+    rate is then the whole request's, marked "≥", never thousands of tokens/s from a few milliseconds."""
+    usage = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "coder", "choices": [],
+             "usage": {"prompt_tokens": 3, "completion_tokens": 40, "total_tokens": 43}}
+    body = "".join(_chunk(f" w{i}") for i in range(40)) + f"data: {json.dumps(usage)}\r\n\r\ndata: [DONE]\r\n\r\n"
+    tab = open_tab(chat_server.base + "/")
+    ready(tab, "coder")
+    tab.page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, headers={"Content-Type": "text/event-stream"}, body=body))
+    send(tab, "hello")
+    wait_reply_done(tab)
+    stats = tab.page.locator(".message.assistant .stats").inner_text()
+    assert "· ≥ " in stats and " tokens/s · 40 tokens" in stats, stats
