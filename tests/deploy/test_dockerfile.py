@@ -61,7 +61,8 @@ def test_dockerfile_shape():
     assert final("EXPOSE") == [env["GPT4ALL_J_PORT"]]
     assert final("STOPSIGNAL") == ["SIGTERM"]
     assert float(env["GPT4ALL_J_SHUTDOWN_GRACE"]) == Settings.model_fields["shutdown_grace"].default
-    assert json.loads(final("VOLUME")[-1]) == ["/models"]
+    assert json.loads(final("VOLUME")[-1]) == ["/models", "/data"]
+    assert env["GPT4ALL_J_DATA_DIR"] == "/data"  # state (stored responses) on its volume
     # the registry lives outside the volume; its relative `models/...` paths reach it via a symlink
     assert env["GPT4ALL_J_REGISTRY"] == "/app/model_registry.yaml"
     assert any(re.search(r"\bmodel_registry\.yaml\b.*\s/app/$", a) for a in final("COPY"))
@@ -145,7 +146,9 @@ def test_image_layout_serves_and_health_check_works(tmp_path):
     (root / "app" / "models").symlink_to(root / "models")  # RUN ln -s /models /app/models
 
     port = free_port()
-    env = {k: v.replace("/app/", f"{root}/app/") for k, v in image_env().items() if k.startswith(ENV_PREFIX)}
+    (root / "data").mkdir()
+    env = {k: re.sub(r"^/(app/|data$)", f"{root}/\\1", v)  # the image's /app and /data, under root
+           for k, v in image_env().items() if k.startswith(ENV_PREFIX)}
     env.update(GPT4ALL_J_HOST="127.0.0.1", GPT4ALL_J_PORT=str(port),  # never 0.0.0.0 in a test
                GPT4ALL_J_API_KEYS="k-one,k-two", GPT4ALL_J_AUTH_HEALTH="true")
     deps = os.pathsep.join(site.getsitepackages())
@@ -184,6 +187,11 @@ def test_image_layout_serves_and_health_check_works(tmp_path):
                        json={"model": "demo", "prompt": "Hi", "max_tokens": 3})
         assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith(" Hello!"), r.text
         assert httpx.get(base + "/health").status_code == 401  # auth_health on
+        # a stored response lands on the /data volume (the root filesystem is read-only in compose/k8s)
+        r = httpx.post(base + "/v1/responses", headers=auth, timeout=30,
+                       json={"model": "demo", "input": "Hi", "max_output_tokens": 16})
+        assert r.status_code == 200 and r.json()["store"] is True, r.text
+        assert (root / "data" / "responses.sqlite3").is_file()
 
         def run(*args: str, **extra: str) -> int:
             e = {**env, **extra}

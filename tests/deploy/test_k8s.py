@@ -87,8 +87,9 @@ def test_k8s_cross_references():
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     models = volumes[mounts["/models"]]
     assert models["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
-    assert json.loads(final("VOLUME")[-1]) == ["/models"]
+    assert json.loads(final("VOLUME")[-1]) == ["/models", "/data"]
     assert "/tmp" in mounts and "emptyDir" in volumes[mounts["/tmp"]]
+    assert "/data" in mounts and "emptyDir" in volumes[mounts["/data"]]  # the stored responses
     # no Service variables named like settings (a Service `gpt4all-j` would set GPT4ALL_J_PORT)
     assert pod["enableServiceLinks"] is False
     # security: the image's non-root user, read-only root filesystem
