@@ -134,3 +134,22 @@ def test_built_in_tools_are_refused_by_the_sdk_too(sdk, stream):
         sdk.responses.create(model="succ", input="hi", tools=[{"type": "web_search"}], stream=stream)
     assert exc.value.param == "tools[0].type"
     validate("error", exc.value.body if "error" in exc.value.body else {"error": exc.value.body})
+
+
+def test_sdk_parse_and_langchain_structured_output_give_pydantic_objects(sdk, responses_server):
+    from typing import Literal
+
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Pet(BaseModel):
+        kind: Literal["cat", "dog"]
+        age: int = Field(ge=0, le=30)
+
+    parsed = sdk.responses.parse(model="rand", input="A pet, please.", text_format=Pet, max_output_tokens=64)
+    assert parsed.status == "completed" and isinstance(parsed.output_parsed, Pet)
+    llm = ChatOpenAI(model="rand", base_url=responses_server.url, api_key="unused", max_retries=0,
+                     use_responses_api=True, max_tokens=64)
+    for method in ("json_schema", "function_calling"):
+        pet = llm.with_structured_output(Pet, method=method, strict=True).invoke("A pet, please.")
+        assert isinstance(pet, Pet), method
