@@ -10,15 +10,9 @@ from sse_starlette.sse import AppStatus
 
 from server.errors import JSONBody
 from server.protocol import (
-    ChatCompletion,
-    ChatCompletionRequest,
-    Completion,
-    CompletionRequest,
-    ErrorResponse,
-    ModelCard,
-    ModelList,
+    ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ErrorResponse, ModelCard, ModelList,
 )
-from server.routes.common import disconnect_waiter, inference, lifecycle
+from server.routes.common import StreamResponse, disconnect_waiter, inference, lifecycle
 
 # sse-starlette would end every open stream itself as soon as uvicorn is told to exit (or after its own
 # grace): mid-way, with no error event and no [DONE]. Streams here end through the shutdown lifecycle
@@ -63,22 +57,7 @@ def _respond(result) -> JSONBody | EventSourceResponse:
     if isinstance(result, dict):
         return JSONBody(result)
     # no send timeout here: a client that does not read is handled by the HTTP layer (server/serve.py)
-    return _StreamResponse(result, _sse(result.events()), ping=15, send_timeout=None)
-
-
-class _StreamResponse(EventSourceResponse):
-    """An SSE response that ends its request however the response ends: sent, failed or cancelled, and
-    also when its body never started (the stream's close is idempotent)."""
-
-    def __init__(self, stream, content, **kwargs) -> None:
-        super().__init__(content, **kwargs)
-        self.stream = stream
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.stream.close()
+    return StreamResponse(result, _sse(result.events()), ping=15, send_timeout=None)
 
 
 async def _sse(payloads):

@@ -6,7 +6,6 @@ from contextlib import aclosing
 from typing import Literal
 
 from fastapi import APIRouter, Query, Request
-from sse_starlette import EventSourceResponse
 
 from server.errors import JSONBody, unsupported
 from server.protocol import ErrorResponse
@@ -14,6 +13,7 @@ from server.protocol.responses_api import CreateResponse, DeletedResponse, Input
 from server.render import dumps
 from server.responses.events import ResponseEvents
 from server.responses.service import ResponsesService
+from server.routes.common import StreamResponse, disconnect_waiter
 
 router = APIRouter(prefix="/v1", default_response_class=JSONBody)
 
@@ -54,30 +54,6 @@ def _refuse_query(request: Request, names: tuple[str, ...]) -> None:
         raise unsupported(name.removesuffix("[]"), _RETRIEVE_QUERY[name])
 
 
-def _disconnect_waiter(request: Request):
-    async def wait() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    return wait
-
-
-class _StreamResponse(EventSourceResponse):
-    """An SSE response that ends its request however the response ends (the stream's close is idempotent)."""
-
-    def __init__(self, stream: ResponseEvents, **kwargs) -> None:
-        super().__init__(_sse(stream), **kwargs)
-        self.stream = stream
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.stream.close()
-
-
 async def _sse(stream: ResponseEvents):
     """Typed SSE events (`event:` and `data:` lines), then `data: [DONE]`."""
     async with aclosing(stream.events()) as events:
@@ -100,11 +76,11 @@ async def _sse(stream: ResponseEvents):
 })
 async def create_response(body: CreateResponse, request: Request):
     """Create a model response (text subset of OpenAI's Responses API; stored unless store is false)."""
-    result = await _service(request).create(body, _disconnect_waiter(request), request.state.record,
+    result = await _service(request).create(body, disconnect_waiter(request), request.state.record,
                                             getattr(request.app.state, "lifecycle", None))
     if isinstance(result, dict):
         return JSONBody(result)
-    return _StreamResponse(result, ping=15, send_timeout=None)
+    return StreamResponse(result, _sse(result), ping=15, send_timeout=None)
 
 
 @router.get("/responses/{response_id}", responses={
