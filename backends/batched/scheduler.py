@@ -215,17 +215,21 @@ class Scheduler:
         if chunk_seq is not None:
             done = len(self.slots[chunk_seq.slot].tokens)
             chunk = (chunk_seq.slot, chunk_seq.prompt[done:done + self.chunk_size(len(decodes))])
-        pooled, pooled_seqs = self._pooled(len(decodes) + (len(chunk[1]) if chunk else 0))
+        pooled, pooled_seqs = self._pooled(len(decodes) + (len(chunk[1]) if chunk else 0), bool(decodes))
         if not decodes and chunk is None and not pooled:
             return None
         self._pending = Plan(resets, decodes, chunk, rows, chunk_seq, pooled, pooled_seqs)
         return self._pending
 
-    def _pooled(self, used: int) -> tuple[list[tuple[int, list[int]]], list[Seq]]:
+    def _pooled(self, used: int, decoding: bool) -> tuple[list[tuple[int, list[int]]], list[Seq]]:
         """Chunks of the embedding inputs being read, FIFO, in the rows a step has left: a step evaluates at most
         chunk + n_slots tokens (the engine's memory estimate); each input holding a slot leaves a decode row
-        free, so the first one always gets a token."""
+        free, so the first one always gets a token. While streams decode, embeddings only fill the row tiles
+        the step uses anyway (at least one row): a step's cost grows with its tiles, so streams keep their pace
+        and the embeddings lose little."""
         room = self.chunk + len(self.slots) - used
+        if decoding:
+            room = min(room, max(1, -used % ROW_TILE))
         chunks, seqs = [], []
         for seq in self.prefilling:
             if room <= 0:

@@ -197,3 +197,27 @@ def test_non_finite_hidden_states_fail_the_input_only():
     h.run()
     assert isinstance(h.of(bad)[-1], Failed) and h.of(bad)[-1].kind == ErrorKind.INTERNAL
     assert np.allclose(h.vector(good), expected([2, 3]), atol=1e-6)
+
+
+def test_while_streams_decode_embeddings_only_fill_the_row_tile_the_step_uses():
+    """A step's cost grows with its row tiles (16 rows): beside running streams, embedding rows fill the tile the
+    decodes open and no more, so an embedding flood does not slow the streams by whole tiles; alone they take
+    the full chunk + slots."""
+    from backends.batched.scheduler import ROW_TILE
+
+    long = [3 + i % 40 for i in range(200)]
+    h = Harness(n_slots=8, n_ctx=512, chunk=32)
+    h.submit([1, 2], embed=False, max_tokens=400)
+    h.step()  # the stream's prompt; it decodes from now on
+    for i in range(6):
+        h.submit(long, embed=True)
+    for _ in range(20):
+        h.step()
+        decodes, chunk, pooled = h.core.steps[-1]
+        assert decodes and chunk is None and pooled
+        assert len(decodes) + sum(len(t) for _, t in pooled) <= ROW_TILE
+    alone = Harness(n_slots=8, n_ctx=512, chunk=32)
+    alone.submit(long, embed=True)
+    alone.submit(long, embed=True)
+    alone.step()
+    assert sum(len(t) for _, t in alone.core.steps[-1][2]) == 32 + 8
