@@ -312,7 +312,12 @@ def has_text(data: bytes, chat: bool) -> bool:
 
 def post_json(port: int, path: str, body: dict, timeout: float = 600) -> dict:
     """POST a non-streamed request; returns its total time and body."""
-    payload = json.dumps({**body, "stream": False}).encode()
+    return post(port, path, {**body, "stream": False}, timeout)
+
+
+def post(port: int, path: str, body: dict, timeout: float = 600) -> dict:
+    """POST a JSON body as given (no field added); the start time, total seconds and the parsed body."""
+    payload = json.dumps(body).encode()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     t0 = time.monotonic()
     conn.request("POST", path, payload, {"Content-Type": "application/json"})
@@ -321,7 +326,7 @@ def post_json(port: int, path: str, body: dict, timeout: float = 600) -> dict:
     total = time.monotonic() - t0
     conn.close()
     if resp.status != 200:
-        raise RuntimeError(f"HTTP {resp.status}: {raw[:300]!r}")
+        raise RuntimeError(f"HTTP {resp.status} from {path}: {raw[:300]!r}")
     return {"t0": t0, "total": total, "body": json.loads(raw)}
 
 

@@ -30,7 +30,8 @@ from pathlib import Path
 from backends.registry import DEFAULT_PARALLEL
 from benchmarks import common as c
 from benchmarks import embeddings_report as rep
-from benchmarks.embeddings_http import final_usage, post, stream, text_times
+from benchmarks.common import post
+from benchmarks.embeddings_http import final_usage, stream, text_times
 
 MODEL_ID = "ggml"
 THREADS = 2

@@ -1,29 +1,13 @@
-"""HTTP pieces of the embeddings benchmark: JSON posts, and streams whose events are timed as they arrive."""
+"""HTTP pieces of the embeddings benchmark: streams whose events are timed as they arrive."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket
 import threading
 import time
 
 from benchmarks import common as c
-
-
-def post(port: int, path: str, body: dict, timeout: float = 600) -> dict:
-    """POST a JSON body as given (no field added); the start time, total seconds and the parsed body."""
-    payload = json.dumps(body).encode()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    t0 = time.monotonic()
-    conn.request("POST", path, payload, {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    raw = resp.read()
-    total = time.monotonic() - t0
-    conn.close()
-    if resp.status != 200:
-        raise RuntimeError(f"HTTP {resp.status} from {path}: {raw[:300]!r}")
-    return {"t0": t0, "total": total, "body": json.loads(raw)}
 
 
 def stream(port: int, path: str, body: dict, first: threading.Event | None = None,
